@@ -1,0 +1,238 @@
+"""EngramConfig: a Llama-style backbone plus the Engram conditional-memory fields.
+
+The hash constants (multipliers, prime table sizes, compressed vocabulary size) are derived once, when a config
+is first created, and stored in the config as plain JSON; a saved model therefore hashes identically forever,
+whatever numpy does later. Prime table sizes are re-derived on load (pure integer maths) and must agree.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+INT64_MAX = 2**63 - 1
+LAYER_SEED_PRIME = 10007
+_MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin, exact for every n < 3.3e24."""
+    if n < 2:
+        return False
+    for p in _MILLER_RABIN_BASES:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for a in _MILLER_RABIN_BASES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def engram_table_sizes(
+    engram_layer_ids: list[int], engram_vocab_size: list[int], n_head_per_ngram: int
+) -> list[list[int]]:
+    """Distinct prime sizes of every head table, `[layer][order-2 block, head]` flattened per layer.
+
+    Layer by layer, order by order, head by head: the first head of order n takes the smallest prime
+    >= engram_vocab_size[n-2] not taken before; each next head the smallest untaken prime above the previous one.
+    """
+    taken: set[int] = set()
+    sizes = []
+    for _ in engram_layer_ids:
+        layer_sizes = []
+        for rows in engram_vocab_size:
+            candidate = rows
+            for _ in range(n_head_per_ngram):
+                while not is_prime(candidate) or candidate in taken:
+                    candidate += 1
+                taken.add(candidate)
+                layer_sizes.append(candidate)
+                candidate += 1
+        sizes.append(layer_sizes)
+    return sizes
+
+
+def engram_multipliers(
+    engram_layer_ids: list[int], max_ngram_size: int, compressed_vocab_size: int, seed: int
+) -> list[list[int]]:
+    """Odd multipliers m_k = 2 r_k + 1 per layer, r from numpy's PCG64 seeded with seed + 10007 * layer_id."""
+    import numpy as np
+
+    half_bound = max(1, (INT64_MAX // compressed_vocab_size) // 2)
+    multipliers = []
+    for layer_id in engram_layer_ids:
+        rng = np.random.default_rng(int(seed + LAYER_SEED_PRIME * int(layer_id)))
+        r = rng.integers(low=0, high=half_bound, size=(max_ngram_size,), dtype=np.int64)
+        multipliers.append([int(2 * v + 1) for v in r])
+    return multipliers
+
+
+@strict
+class EngramConfig(PreTrainedConfig):
+    r"""
+    Configuration of an Engram model: a Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) with
+    Engram conditional memory before attention at `engram_layer_ids`.
+
+    Engram fields (defaults reproduce the public reference demo `engram_demo_v1.py`):
+        hc_mult: number of residual branches (1 = a plain residual).
+        engram_layer_ids: 0-based decoder layer indices that carry Engram; also the integers seeding the hashes.
+        max_ngram_size: largest n-gram order N (orders 2..N are hashed).
+        n_head_per_ngram: hash heads per order.
+        n_embed_per_ngram: memory width per order (split evenly over its heads).
+        engram_vocab_size: target rows per head table, one entry per order 2..N.
+        engram_kernel_size: short-conv kernel size (dilation is max_ngram_size).
+        engram_seed: base seed of the hash multipliers.
+        engram_pad_id: raw token id read before the start of a sequence (and at left-padding positions).
+        engram_compressed_vocab_size: size of the compressed vocabulary produced by `build_token_map`
+            (defaults to `vocab_size`, i.e. the identity token map).
+        engram_multipliers, engram_table_sizes: derived hash constants, stored once; leave them unset.
+    """
+
+    model_type = "engram"
+    keys_to_ignore_at_inference = ["cache"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+
+    vocab_size: int = 129280
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: int | float | None = 0.0
+    mlp_bias: bool = False
+
+    hc_mult: int = 1
+    engram_layer_ids: list[int] | None = None
+    max_ngram_size: int = 3
+    n_head_per_ngram: int = 8
+    n_embed_per_ngram: int = 512
+    engram_vocab_size: list[int] | None = None
+    engram_kernel_size: int = 4
+    engram_seed: int = 0
+    engram_pad_id: int = 2
+    engram_compressed_vocab_size: int | None = None
+    engram_multipliers: list[list[int]] | None = None
+    engram_table_sizes: list[list[int]] | None = None
+    layer_types: list[str] | None = None
+    number_of_conv_states: int = 2
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.engram_layer_ids is None:
+            self.engram_layer_ids = [1, 15]
+        self.engram_layer_ids = [int(i) for i in self.engram_layer_ids]
+        if self.engram_vocab_size is None:
+            self.engram_vocab_size = [self.vocab_size * 5] * (self.max_ngram_size - 1)
+        if self.engram_compressed_vocab_size is None:
+            self.engram_compressed_vocab_size = self.vocab_size
+        self._validate_engram()
+        # Engram layers keep two generation states next to their KV cache: short-conv inputs and token history.
+        self.layer_types = [
+            "hybrid" if i in self.engram_layer_ids else "full_attention" for i in range(self.num_hidden_layers)
+        ]
+        self.number_of_conv_states = 2
+        sizes = engram_table_sizes(self.engram_layer_ids, self.engram_vocab_size, self.n_head_per_ngram)
+        if self.engram_table_sizes is None:
+            self.engram_table_sizes = sizes
+        elif self.engram_table_sizes != sizes:
+            raise ValueError(
+                f"engram_table_sizes {self.engram_table_sizes} disagree with the sizes derived from "
+                f"engram_vocab_size={self.engram_vocab_size}, n_head_per_ngram={self.n_head_per_ngram} and "
+                f"engram_layer_ids={self.engram_layer_ids}: {sizes}. Remove engram_table_sizes to re-derive them."
+            )
+        if self.engram_multipliers is None:
+            self.engram_multipliers = engram_multipliers(
+                self.engram_layer_ids, self.max_ngram_size, self.engram_compressed_vocab_size, self.engram_seed
+            )
+        self._validate_multipliers()
+        super().__post_init__(**kwargs)
+
+    def _validate_engram(self):
+        def fail(name, value, allowed):
+            raise ValueError(f"EngramConfig: {name}={value!r} is invalid; {allowed}.")
+
+        for name in ("hc_mult", "n_head_per_ngram", "n_embed_per_ngram", "engram_kernel_size"):
+            if getattr(self, name) < 1:
+                fail(name, getattr(self, name), "it must be >= 1")
+        if self.max_ngram_size < 2:
+            fail("max_ngram_size", self.max_ngram_size, "it must be >= 2 (orders 2..max_ngram_size are hashed)")
+        if len(set(self.engram_layer_ids)) != len(self.engram_layer_ids):
+            fail("engram_layer_ids", self.engram_layer_ids, "layer ids must be distinct")
+        for layer_id in self.engram_layer_ids:
+            if not 0 <= layer_id < self.num_hidden_layers:
+                fail("engram_layer_ids", self.engram_layer_ids,
+                     f"each id must lie in [0, {self.num_hidden_layers - 1}] (num_hidden_layers={self.num_hidden_layers})")
+        if len(self.engram_vocab_size) != self.max_ngram_size - 1:
+            fail("engram_vocab_size", self.engram_vocab_size,
+                 f"it needs one entry per n-gram order 2..{self.max_ngram_size}, i.e. {self.max_ngram_size - 1} entries")
+        if any(rows < 2 for rows in self.engram_vocab_size):
+            fail("engram_vocab_size", self.engram_vocab_size, "every entry must be >= 2")
+        if self.n_embed_per_ngram % self.n_head_per_ngram:
+            fail("n_embed_per_ngram", self.n_embed_per_ngram,
+                 f"it must be divisible by n_head_per_ngram={self.n_head_per_ngram}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads", self.num_key_value_heads,
+                 f"it must divide num_attention_heads={self.num_attention_heads}")
+        if not 1 <= self.engram_compressed_vocab_size <= self.vocab_size:
+            fail("engram_compressed_vocab_size", self.engram_compressed_vocab_size,
+                 f"it must lie in [1, vocab_size={self.vocab_size}]")
+        if not 0 <= self.engram_pad_id < self.vocab_size:
+            fail("engram_pad_id", self.engram_pad_id, f"it must be a raw token id in [0, {self.vocab_size - 1}]")
+
+    def _validate_multipliers(self):
+        expected = (len(self.engram_layer_ids), self.max_ngram_size)
+        shape = (len(self.engram_multipliers), *{len(m) for m in self.engram_multipliers})
+        if shape != expected:
+            raise ValueError(
+                f"EngramConfig: engram_multipliers has shape {shape}, expected {expected} "
+                "(one multiplier per n-gram position for every Engram layer)."
+            )
+        # x' * m must not overflow int64 for every compressed id x' < V', so that the XOR mix stays non-negative.
+        limit = INT64_MAX // self.engram_compressed_vocab_size
+        for layer_multipliers in self.engram_multipliers:
+            for m in layer_multipliers:
+                if not (m > 0 and m % 2 == 1 and m <= limit):
+                    raise ValueError(
+                        f"EngramConfig: multiplier {m} is invalid; multipliers must be odd and in [1, {limit}] "
+                        f"for engram_compressed_vocab_size={self.engram_compressed_vocab_size}."
+                    )
+
+    @property
+    def engram_dim(self) -> int:
+        """d_mem: width of the memory vector read by one Engram layer."""
+        return (self.max_ngram_size - 1) * self.n_embed_per_ngram
+
+
+__all__ = ["EngramConfig"]

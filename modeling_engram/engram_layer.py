@@ -1,0 +1,117 @@
+"""The Engram layer: memory rows -> per-branch context-aware gating -> short causal conv (paper section 2.3-2.4)."""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.cache_utils import Cache
+
+from .configuration_engram import EngramConfig
+from .memory import EngramTable
+
+CONV_STATE = 0  # cache conv-state slot of an Engram layer holding the short-conv inputs
+TOKEN_STATE = 1  # cache conv-state slot holding the last max_ngram_size - 1 compressed token ids
+
+
+class BranchRMSNorm(nn.Module):
+    """RMSNorm over the last dim of [..., branches, dim], with one weight row per residual branch."""
+
+    def __init__(self, branches: int, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(branches, dim))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def signed_sqrt_gate(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """alpha = sigmoid(sign(a) * sqrt(max(|a|, 1e-6))), a = q . k / sqrt(d): [..., branches, 1]."""
+    scores = (query * key).sum(dim=-1, keepdim=True) / math.sqrt(query.shape[-1])
+    return torch.sigmoid(scores.abs().clamp_min(1e-6).sqrt() * scores.sign())
+
+
+class EngramShortConv(nn.Module):
+    """Y = SiLU(causal depthwise Conv1D(x)), kernel `engram_kernel_size`, dilation `max_ngram_size`.
+
+    Zero-initialised, so a fresh Engram layer is the identity path plus its gated values. With a cache, the last
+    (kernel - 1) * dilation inputs live in the layer's cache conv state, so decoding step by step equals one pass.
+    """
+
+    def __init__(self, config: EngramConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        channels = config.hc_mult * config.hidden_size
+        self.state_len = (config.engram_kernel_size - 1) * config.max_ngram_size
+        self.conv = nn.Conv1d(
+            channels,
+            channels,
+            kernel_size=config.engram_kernel_size,
+            dilation=config.max_ngram_size,
+            groups=channels,
+            bias=False,
+        )
+
+    def forward(self, hidden_states: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """hidden_states [B, T, C] -> [B, T, C]."""
+        length = hidden_states.shape[1]
+        inputs = hidden_states.transpose(1, 2)
+        if cache is not None:
+            inputs = cache.update_conv_state(
+                inputs, self.layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.state_len
+            )
+        inputs = F.pad(inputs, (self.state_len, 0))[..., -(self.state_len + length) :]
+        return F.silu(self.conv(inputs)).transpose(1, 2)
+
+
+class EngramLayer(nn.Module):
+    """Engram at one decoder layer: `forward(hidden [B, T, hc * D], hash_ids [B, T, heads]) -> [B, T, hc * D]`.
+
+    Per branch m: k_m = W_K^(m) e, v = W_V e (shared), alpha_m = gate(RMSNorm(h_m), RMSNorm(k_m)), u_m = alpha_m v;
+    Y = SiLU(Conv(RMSNorm(U))) + U. The keys of all branches are one matmul (`key_proj`).
+    """
+
+    def __init__(self, config: EngramConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hc_mult = config.hc_mult
+        self.hidden_size = config.hidden_size
+        engram_index = config.engram_layer_ids.index(layer_idx)
+        self.table = EngramTable(
+            config.engram_table_sizes[engram_index], config.n_embed_per_ngram // config.n_head_per_ngram
+        )
+        self.key_proj = nn.Linear(config.engram_dim, config.hc_mult * config.hidden_size, bias=False)
+        self.value_proj = nn.Linear(config.engram_dim, config.hidden_size, bias=False)
+        self.query_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
+        self.key_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
+        self.conv_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
+        self.short_conv = EngramShortConv(config, layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        hash_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        branches = (self.hc_mult, self.hidden_size)
+        rows = self.table(hash_ids).to(self.key_proj.weight.dtype)
+        key = self.key_norm(self.key_proj(rows).unflatten(-1, branches))
+        query = self.query_norm(hidden_states.unflatten(-1, branches))
+        gate = signed_sqrt_gate(query, key)
+        values = (gate * self.value_proj(rows).unsqueeze(-2)).flatten(-2)
+        conv_inputs = self.conv_norm(values.unflatten(-1, branches)).flatten(-2)
+        if token_mask is not None:  # padding positions feed zeros to the conv, as positions before the start do
+            conv_inputs = conv_inputs * token_mask.unsqueeze(-1).to(conv_inputs.dtype)
+        return values + self.short_conv(conv_inputs, cache)
+
+
+__all__ = ["EngramLayer", "EngramShortConv", "BranchRMSNorm", "signed_sqrt_gate"]

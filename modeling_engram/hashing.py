@@ -1,0 +1,120 @@
+"""EngramHasher: n-gram hash ids for every Engram layer, computed once per forward at model entry."""
+
+import torch
+from torch import nn
+
+from .configuration_engram import EngramConfig
+
+
+class EngramHasher(nn.Module):
+    """Maps raw token ids to per-head row ids of every Engram layer's tables.
+
+    For compressed ids x' (token map), order n and layer l: mix_n = XOR_{k<n} x'_{t-k} * m_{l,k} in int64 and
+    head j of order n reads row `mix_n % p_{l,n,j}`. All products are non-negative and below 2**63 (the config
+    bounds the multipliers by int64_max // V'), so torch's floor `%` equals the demo's numpy `%` bit for bit.
+
+    Buffers: `token_map` [vocab_size] (persistent: part of the checkpoint), `multipliers` [L, N] and
+    `table_sizes` [L, (N-1) * H] (rebuilt from the config, which stores them as JSON).
+    """
+
+    def __init__(self, config: EngramConfig, token_map: torch.Tensor | None = None):
+        super().__init__()
+        self.layer_ids = list(config.engram_layer_ids)
+        self.max_ngram_size = config.max_ngram_size
+        self.n_head_per_ngram = config.n_head_per_ngram
+        self.vocab_size = config.vocab_size
+        self.compressed_vocab_size = config.engram_compressed_vocab_size
+        self.pad_id = config.engram_pad_id
+        self.multipliers = {layer_id: list(m) for layer_id, m in zip(self.layer_ids, config.engram_multipliers)}
+        self.table_sizes = {layer_id: list(s) for layer_id, s in zip(self.layer_ids, config.engram_table_sizes)}
+        self.token_map = nn.Buffer(self.default_token_map())
+        self.token_map_checked = False
+        self.multiplier_tensor = nn.Buffer(torch.tensor(config.engram_multipliers, dtype=torch.long), persistent=False)
+        self.table_size_tensor = nn.Buffer(torch.tensor(config.engram_table_sizes, dtype=torch.long), persistent=False)
+        if token_map is not None:
+            self.set_token_map(token_map)
+
+    def default_token_map(self) -> torch.Tensor:
+        """Identity when there is no compression; otherwise -1 ("unset") until `set_token_map` is called."""
+        if self.compressed_vocab_size == self.vocab_size:
+            return torch.arange(self.vocab_size, dtype=torch.long)
+        return torch.full((self.vocab_size,), -1, dtype=torch.long)
+
+    @torch.no_grad()
+    def set_token_map(self, token_map: torch.Tensor) -> None:
+        self.check_token_map(token_map)
+        self.token_map.copy_(token_map.to(self.token_map.device))
+        self.token_map_checked = True
+
+    def check_token_map(self, token_map: torch.Tensor | None = None) -> None:
+        """Raise a ValueError unless `token_map` (default: the stored one) fits the config."""
+        if token_map is None:
+            self.check_token_map(self.token_map)
+            self.token_map_checked = True
+            return
+        if token_map.dtype not in (torch.int32, torch.int64) or token_map.shape != (self.vocab_size,):
+            raise ValueError(
+                f"token map has shape {tuple(token_map.shape)} and dtype {token_map.dtype}; the config needs an "
+                f"integer tensor of shape ({self.vocab_size},) (vocab_size)."
+            )
+        if (token_map == -1).all():
+            raise ValueError(
+                "token map is unset: this config compresses the vocabulary "
+                f"({self.vocab_size} -> {self.compressed_vocab_size} ids); call "
+                "`model.set_token_map(build_token_map(tokenizer)[0])` before running the model."
+            )
+        if (token_map < 0).any():
+            raise ValueError(f"token map holds negative compressed id {int(token_map.min())}.")
+        distinct = int(torch.unique(token_map).numel())
+        if int(token_map.max()) >= self.compressed_vocab_size or distinct != self.compressed_vocab_size:
+            raise ValueError(
+                f"token map has {distinct} distinct compressed ids up to {int(token_map.max())}, but the config "
+                f"says engram_compressed_vocab_size={self.compressed_vocab_size}: the map was built for another "
+                "tokenizer or config."
+            )
+
+    def compress(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
+        """Compressed ids [B, T]; positions where `attention_mask` is 0 read the compressed pad id."""
+        compressed = self.token_map[input_ids]
+        if attention_mask is not None:
+            compressed = torch.where(attention_mask.bool(), compressed, self.token_map[self.pad_id])
+        return compressed
+
+    def start_history(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """The compressed ids read before a sequence starts: [B, max_ngram_size - 1] pad ids."""
+        return self.token_map[self.pad_id].expand(input_ids.shape[0], self.max_ngram_size - 1)
+
+    def hash_tokens(self, tokens: torch.LongTensor) -> dict[int, torch.LongTensor]:
+        """Hash ids of compressed ids `tokens` [B, N-1+T] whose first N-1 entries are the history before them.
+
+        Returns `{layer_id: LongTensor[B, T, (N-1) * H]}`: each head's row inside its own table, order 2 first.
+        """
+        n = self.max_ngram_size
+        length = tokens.shape[1] - (n - 1)
+        # shifted[k][b, t] = x'_{t-k}: [N, B, T]
+        shifted = torch.stack([tokens[:, n - 1 - k : n - 1 - k + length] for k in range(n)])
+        products = shifted.unsqueeze(0) * self.multiplier_tensor[:, :, None, None]  # [L, N, B, T]
+        mix = products[:, 0]
+        orders = []
+        for k in range(1, n):
+            mix = torch.bitwise_xor(mix, products[:, k])
+            orders.append(mix)
+        mixes = torch.stack(orders, dim=-1).repeat_interleave(self.n_head_per_ngram, dim=-1)  # [L, B, T, (N-1) H]
+        hash_ids = torch.remainder(mixes, self.table_size_tensor[:, None, None, :])
+        return dict(zip(self.layer_ids, hash_ids.unbind(0)))
+
+    def forward(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[int, torch.LongTensor]:
+        """Hash ids of fresh sequences `input_ids` [B, T]: `{layer_id: LongTensor[B, T, (N-1) * H]}`."""
+        compressed = self.compress(input_ids, attention_mask)
+        return self.hash_tokens(torch.cat([self.start_history(input_ids), compressed], dim=1))
+
+    def extra_repr(self) -> str:
+        return (
+            f"layers={self.layer_ids}, max_ngram_size={self.max_ngram_size}, heads={self.n_head_per_ngram}, "
+            f"compressed_vocab_size={self.compressed_vocab_size}"
+        )
+
+
+__all__ = ["EngramHasher"]

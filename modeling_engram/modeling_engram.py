@@ -1,0 +1,278 @@
+"""Engram model family: decoder layer, EngramPreTrainedModel, EngramModel, EngramForCausalLM.
+
+The backbone is transformers' Llama (RMSNorm, RoPE, grouped-query attention through the attention interface,
+SwiGLU MLP), reused rather than copied; Engram sits before attention at `config.engram_layer_ids`. The hash ids of
+every Engram layer are computed once, at model entry, from the token ids alone.
+"""
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_engram import EngramConfig
+from .engram_layer import TOKEN_STATE, EngramLayer, EngramShortConv
+from .hashing import EngramHasher
+from .memory import EngramTable
+
+
+class EngramDecoderLayer(GradientCheckpointingLayer):
+    """h += Engram(h) (Engram layers only), then attention and MLP on the residual stream.
+
+    The stream holds `hc_mult` branches, [B, T, hc_mult * hidden]. Attention and MLP read the branch average and
+    add their output to every branch (a plain residual when hc_mult == 1); branches differ by their Engram gates.
+    """
+
+    def __init__(self, config: EngramConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.branches = (config.hc_mult, config.hidden_size)
+        self.engram = EngramLayer(config, layer_idx) if layer_idx in config.engram_layer_ids else None
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        engram_hash_ids: dict[int, torch.LongTensor] | None = None,
+        engram_token_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        if self.engram is not None:
+            hidden_states = hidden_states + self.engram(
+                hidden_states, engram_hash_ids[self.layer_idx], cache=cache, token_mask=engram_token_mask
+            )
+        branches = hidden_states.unflatten(-1, self.branches)
+        attn_output, _ = self.self_attn(
+            hidden_states=self.input_layernorm(branches.mean(-2)),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        branches = branches + attn_output.unsqueeze(-2)
+        branches = branches + self.mlp(self.post_attention_layernorm(branches.mean(-2))).unsqueeze(-2)
+        return branches.flatten(-2)
+
+
+class EngramPreTrainedModel(PreTrainedModel):
+    config: EngramConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EngramDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": EngramDecoderLayer, "attentions": LlamaAttention}
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, EngramTable):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            init.copy_(module.offsets, module.head_offsets())
+        elif isinstance(module, EngramShortConv):
+            init.zeros_(module.conv.weight)
+        elif isinstance(module, EngramHasher):
+            init.copy_(module.token_map, module.default_token_map())
+            init.copy_(module.multiplier_tensor, torch.tensor(self.config.engram_multipliers, dtype=torch.long))
+            init.copy_(module.table_size_tensor, torch.tensor(self.config.engram_table_sizes, dtype=torch.long))
+
+    def set_token_map(self, token_map: torch.Tensor) -> None:
+        """Install the tokenizer-compression map built by `build_token_map` (checked against the config)."""
+        self.base_model.hasher.set_token_map(token_map)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        try:
+            model.base_model.hasher.check_token_map()
+        except ValueError as error:
+            raise ValueError(f"checkpoint {args[0] if args else ''!s} does not match its config: {error}") from None
+        return loaded
+
+
+class EngramModel(EngramPreTrainedModel):
+    def __init__(self, config: EngramConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.hasher = EngramHasher(config)
+        self.layers = nn.ModuleList(
+            [EngramDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def check_input_ids(self, input_ids: torch.LongTensor) -> None:
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}; Engram needs a non-empty batch of token ids [B, T]."
+            )
+        if torch.compiler.is_compiling():
+            return
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids contains token id {bad}, outside the vocabulary [0, {self.vocab_size - 1}] "
+                f"(vocab_size={self.vocab_size})."
+            )
+        if not self.hasher.token_map_checked:
+            self.hasher.check_token_map()
+
+    def engram_hash_ids(
+        self, input_ids: torch.LongTensor, token_mask: torch.Tensor | None, cache: Cache | None
+    ) -> dict[int, torch.LongTensor]:
+        """Hash ids of the new tokens for every Engram layer; the cache carries the last N-1 compressed ids."""
+        compressed = self.hasher.compress(input_ids, token_mask)
+        history = self.config.max_ngram_size - 1
+        layer_ids = self.config.engram_layer_ids
+        if cache is None or cache.get_conv_state(layer_ids[0], TOKEN_STATE) is None:
+            tokens = torch.cat([self.hasher.start_history(input_ids), compressed], dim=1)
+        else:
+            tokens = compressed
+        if cache is not None:
+            new_tokens = tokens
+            for layer_idx in layer_ids:  # every Engram layer's cache carries it, so each crops/reorders alone
+                tokens = cache.update_conv_state(
+                    new_tokens.unsqueeze(1), layer_idx, state_idx=TOKEN_STATE, conv_kernel_size=history
+                ).squeeze(1)
+        return self.hasher.hash_tokens(tokens[:, -(history + input_ids.shape[1]) :])
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Token ids; required, because Engram hashes them. `inputs_embeds`, if given, replaces only the token
+            embedding lookup.
+        attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
+            Padding positions (0) read the Engram pad id and feed zeros to the short conv.
+        """
+        if input_ids is None:
+            raise ValueError("EngramModel needs input_ids: Engram hashes token ids (inputs_embeds alone is not enough).")
+        self.check_input_ids(input_ids)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        token_mask = None
+        if attention_mask is not None and attention_mask.ndim == 2:
+            token_mask = attention_mask[:, -input_ids.shape[1] :]
+        hash_ids = self.engram_hash_ids(input_ids, token_mask, cache)
+
+        hidden_states = inputs_embeds.repeat(1, 1, self.config.hc_mult)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                engram_hash_ids=hash_ids,
+                engram_token_mask=token_mask,
+                **kwargs,
+            )
+        hidden_states = hidden_states.unflatten(-1, (self.config.hc_mult, self.config.hidden_size)).mean(-2)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: EngramConfig):
+        super().__init__(config)
+        self.model = EngramModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Targets for the shifted next-token loss; -100 is ignored.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["EngramPreTrainedModel", "EngramModel", "EngramForCausalLM", "EngramDecoderLayer"]
