@@ -50,19 +50,26 @@ def compression_keys(tokenizer) -> list[str]:
     return keys
 
 
-def build_token_map(tokenizer) -> tuple[torch.LongTensor, int]:
+def build_token_map(tokenizer, vocab_size: int | None = None) -> tuple[torch.LongTensor, int]:
     """Build the Engram token map of a tokenizer.
 
     Args:
         tokenizer: a `transformers` tokenizer (fast or slow) or a `tokenizers.Tokenizer`.
+        vocab_size: the model's embedding size when it exceeds the tokenizer's (e.g. DeepSeek-V3: 129,280 rows for
+            128,815 tokens). Ids no tokenizer produces take the compressed id of the tokenizer's pad token
+            (or of id 0), so they add no compressed id.
 
     Returns:
         `(token_map, compressed_vocab_size)`: `token_map[raw_id]` is the compressed id, a LongTensor of length
-        `len(tokenizer)`; compressed ids are numbered in order of first appearance, so `token_map` is monotone in
-        the first raw id of every group.
+        `vocab_size or len(tokenizer)`; compressed ids are numbered in order of first appearance.
     """
     first_id: dict[str, int] = {}
     token_map = [first_id.setdefault(key, len(first_id)) for key in compression_keys(tokenizer)]
+    if vocab_size is not None:
+        if vocab_size < len(token_map):
+            raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {len(token_map)} tokens.")
+        fill = token_map[getattr(tokenizer, "pad_token_id", None) or 0]
+        token_map += [fill] * (vocab_size - len(token_map))
     return torch.tensor(token_map, dtype=torch.long), len(first_id)
 
 

