@@ -23,7 +23,7 @@ def tiny_config(**overrides) -> modeling_engram.EngramConfig:
         n_head_per_ngram=2,
         n_embed_per_ngram=16,
         engram_vocab_size=[31, 37],
-        engram_pad_id=0,
+        engram_pad_id=2,
         hc_mult=1,
         pad_token_id=0,
         bos_token_id=1,
@@ -70,3 +70,18 @@ def deepseek_v3_tokenizer():
         eos_token="<｜end▁of▁sentence｜>",
         pad_token="<｜end▁of▁sentence｜>",
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A character-level tokenizer (printable ASCII + specials), made here: nothing comes from the Hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

@@ -1,0 +1,120 @@
+"""Exact incremental decoding: the cache carries token history and short-conv state (hc_mult 1 and 4)."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import DynamicCache
+
+ATOL = 1e-5
+
+
+def prompt(batch=2, length=9, seed=0, vocab=97):
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_greedy_with_cache_equals_without(hc_model):
+    ids = prompt()
+    cached = hc_model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True)
+    uncached = hc_model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 21)
+    assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunks", [[1] * 17, [5, 1, 1, 4, 6], [2, 15], [9, 8]], ids=["token", "mixed", "short-then-long", "halves"])
+def test_incremental_logits_equal_full_forward(hc_model, chunks):
+    ids = prompt(length=sum(chunks))
+    full = hc_model(ids).logits
+    cache = DynamicCache(config=hc_model.config)
+    pieces, start = [], 0
+    for size in chunks:
+        out = hc_model(ids[:, start : start + size], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        start += size
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_engram_state_matters():
+    """Guard: without the conv/token state the incremental logits would differ (so the test above can fail)."""
+    model = tiny_model()
+    ids = prompt(length=12)
+    full = model(ids).logits
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :8], cache=cache, use_cache=True)
+    for layer_id in model.config.engram_layer_ids:
+        cache.layers[layer_id].conv_states[0].zero_()
+    step = model(ids[:, 8:], cache=cache, use_cache=True).logits
+    assert (step - full[:, 8:]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_each_sequence_alone(hc_model):
+    short, long = prompt(1, 5, seed=1), prompt(1, 9, seed=2)
+    pad = hc_model.config.pad_token_id
+    batch = torch.cat([torch.cat([torch.full((1, 4), pad), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1), torch.ones(1, 9)]).long()
+    out = hc_model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    alone_short = hc_model.generate(short, max_new_tokens=8, do_sample=False)
+    alone_long = hc_model.generate(long, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out[0, 4:], alone_short[0])
+    assert torch.equal(out[1], alone_long[0])
+    # logits too, through the cache: prefill then one step
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = hc_model(batch, attention_mask=mask, position_ids=position_ids).logits
+    torch.testing.assert_close(logits[0, 4:], hc_model(short).logits[0], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_beam_search_with_cache_equals_without(hc_model):
+    ids = prompt()
+    kwargs = dict(max_new_tokens=10, num_beams=3, do_sample=False, num_return_sequences=3, early_stopping=False)
+    cached = hc_model.generate(ids, use_cache=True, **kwargs)
+    uncached = hc_model.generate(ids, use_cache=False, **kwargs)
+    assert cached.shape[0] == 6
+    assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_continuing_from_a_returned_cache_equals_one_run(hc_model):
+    ids = prompt()
+    one_run = hc_model.generate(ids, max_new_tokens=12, do_sample=False)
+    first = hc_model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    resumed = hc_model.generate(first.sequences, cache=first.cache, max_new_tokens=7, do_sample=False)
+    assert torch.equal(resumed, one_run)
+
+
+@torch.no_grad()
+def test_cropped_cache_equals_full_forward(hc_model):
+    """Rolling back tokens (as assisted decoding does) restores the token history and the conv state."""
+    ids = prompt(length=16)
+    full = hc_model(ids).logits
+    cache = DynamicCache(config=hc_model.config)
+    cache.activate_past_recording()
+    hc_model(ids[:, :10], cache=cache, use_cache=True)
+    hc_model(prompt(length=4, seed=9), cache=cache, use_cache=True)  # speculative tokens, rejected
+    cache.crop(-4)
+    assert cache.get_seq_length() == 10
+    rest = hc_model(ids[:, 10:], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(rest, full[:, 10:], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_assisted_generation_equals_greedy():
+    model, draft = tiny_model(seed=0), tiny_model(seed=1)
+    ids = prompt(batch=1)
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assisted = model.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=draft)
+    assert torch.equal(assisted, greedy)
+
+
+@torch.no_grad()
+def test_pipeline_text_generation(tiny_tokenizer):
+    from transformers import pipeline
+
+    model = tiny_model(vocab_size=len(tiny_tokenizer))
+    generator = pipeline("text-generation", model=model, tokenizer=tiny_tokenizer)
+    result = generator("def main():", max_new_tokens=6, do_sample=False)
+    text = result[0]["generated_text"]
+    assert text.startswith("def main():") and len(text) > len("def main():")
