@@ -50,15 +50,9 @@ class EngramShortConv(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         channels = config.hc_mult * config.hidden_size
-        self.state_len = (config.engram_kernel_size - 1) * config.max_ngram_size
-        self.conv = nn.Conv1d(
-            channels,
-            channels,
-            kernel_size=config.engram_kernel_size,
-            dilation=config.max_ngram_size,
-            groups=channels,
-            bias=False,
-        )
+        self.dilation = config.max_ngram_size
+        self.state_len = (config.engram_kernel_size - 1) * self.dilation
+        self.weight = nn.Parameter(torch.zeros(channels, 1, config.engram_kernel_size))  # depthwise [C, 1, K]
 
     def forward(self, hidden_states: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """hidden_states [B, T, C] -> [B, T, C]."""
@@ -69,7 +63,11 @@ class EngramShortConv(nn.Module):
                 inputs, self.layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.state_len
             )
         inputs = F.pad(inputs, (self.state_len, 0))[..., -(self.state_len + length) :]
-        return F.silu(self.conv(inputs)).transpose(1, 2)
+        outputs = F.conv1d(inputs, self.weight, dilation=self.dilation, groups=self.weight.shape[0])
+        return F.silu(outputs).transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.weight.shape[0]}, kernel_size={self.weight.shape[-1]}, dilation={self.dilation}"
 
 
 class EngramLayer(nn.Module):

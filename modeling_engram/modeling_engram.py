@@ -91,7 +91,7 @@ class EngramPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.copy_(module.offsets, module.head_offsets())
         elif isinstance(module, EngramShortConv):
-            init.zeros_(module.conv.weight)
+            init.zeros_(module.weight)
         elif isinstance(module, EngramHasher):
             init.copy_(module.token_map, module.default_token_map())
             init.copy_(module.multiplier_tensor, torch.tensor(self.config.engram_multipliers, dtype=torch.long))

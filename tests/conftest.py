@@ -42,7 +42,7 @@ def tiny_model(seed: int = 0, conv_nonzero: bool = True, **overrides) -> modelin
     if conv_nonzero:
         with torch.no_grad():
             for layer_id in model.config.engram_layer_ids:
-                model.model.layers[layer_id].engram.short_conv.conv.weight.normal_(0, 0.5)
+                model.model.layers[layer_id].engram.short_conv.weight.normal_(0, 0.5)
     return model
 
 
