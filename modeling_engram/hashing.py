@@ -13,8 +13,9 @@ class EngramHasher(nn.Module):
     head j of order n reads row `mix_n % p_{l,n,j}`. All products are non-negative and below 2**63 (the config
     bounds the multipliers by int64_max // V'), so torch's floor `%` equals the demo's numpy `%` bit for bit.
 
-    Buffers: `token_map` [vocab_size] (persistent: part of the checkpoint), `multipliers` [L, N] and
-    `table_sizes` [L, (N-1) * H] (rebuilt from the config, which stores them as JSON).
+    Buffers: `token_map` [vocab_size] (persistent: part of the checkpoint), `multiplier_tensor` [L, N] and
+    `table_size_tensor` [L, (N-1) * H] (rebuilt from the config, which stores them as JSON). The same constants
+    as Python ints: `multipliers` and `table_sizes`, `{layer_id: [int, ...]}`.
     """
 
     def __init__(self, config: EngramConfig, token_map: torch.Tensor | None = None):
@@ -47,11 +48,9 @@ class EngramHasher(nn.Module):
         self.token_map_checked = True
 
     def check_token_map(self, token_map: torch.Tensor | None = None) -> None:
-        """Raise a ValueError unless `token_map` (default: the stored one) fits the config."""
-        if token_map is None:
-            self.check_token_map(self.token_map)
-            self.token_map_checked = True
-            return
+        """Raise a ValueError unless `token_map` (default: the stored one, then marked checked) fits the config."""
+        stored = token_map is None
+        token_map = self.token_map if stored else token_map
         if token_map.dtype not in (torch.int32, torch.int64) or token_map.shape != (self.vocab_size,):
             raise ValueError(
                 f"token map has shape {tuple(token_map.shape)} and dtype {token_map.dtype}; the config needs an "
@@ -72,6 +71,7 @@ class EngramHasher(nn.Module):
                 f"says engram_compressed_vocab_size={self.compressed_vocab_size}: the map was built for another "
                 "tokenizer or config."
             )
+        self.token_map_checked = self.token_map_checked or stored
 
     def compress(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
         """Compressed ids [B, T]; positions where `attention_mask` is 0 read the compressed pad id."""
