@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_engram import EngramConfig
 from .hashing import EngramHasher
 from .modeling_engram import EngramForCausalLM, EngramModel, EngramPreTrainedModel
+from .placement import engram_device_map
 from .token_map import build_token_map
 
 AutoConfig.register(EngramConfig.model_type, EngramConfig, exist_ok=True)
@@ -24,4 +25,5 @@ __all__ = [
     "EngramForCausalLM",
     "EngramPreTrainedModel",
     "build_token_map",
+    "engram_device_map",
 ]

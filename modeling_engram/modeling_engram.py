@@ -23,7 +23,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_engram import EngramConfig
 from .engram_layer import TOKEN_STATE, EngramLayer, EngramShortConv
 from .hashing import EngramHasher
-from .memory import EngramTable
+from .memory import EXTERNAL_TABLES, EngramTable, RowFetch, attach_checkpoint_tables
+from .placement import resolve_table_placement
 
 
 class EngramDecoderLayer(GradientCheckpointingLayer):
@@ -53,11 +54,17 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         engram_hash_ids: dict[int, torch.LongTensor] | None = None,
         engram_token_mask: torch.Tensor | None = None,
+        engram_rows: dict[int, RowFetch] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         if self.engram is not None:
+            fetched = engram_rows.get(self.layer_idx) if engram_rows else None
             hidden_states = hidden_states + self.engram(
-                hidden_states, engram_hash_ids[self.layer_idx], cache=cache, token_mask=engram_token_mask
+                hidden_states,
+                engram_hash_ids[self.layer_idx],
+                cache=cache,
+                token_mask=engram_token_mask,
+                rows=fetched.wait() if fetched is not None else None,
             )
         branches = hidden_states.unflatten(-1, self.branches)
         attn_output, _ = self.self_attn(
@@ -84,11 +91,14 @@ class EngramPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": EngramDecoderLayer, "attentions": LlamaAttention}
+    # Host/disk tables are read by `attach_checkpoint_tables`, so transformers must not load (or warn about) them.
+    _keys_to_ignore_on_load_unexpected = [r"engram\.table\.weight$"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, EngramTable):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.weight is not None and module.weight.requires_grad:
+                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.copy_(module.offsets, module.head_offsets())
         elif isinstance(module, EngramShortConv):
             init.zeros_(module.weight)
@@ -103,13 +113,38 @@ class EngramPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+        """`PreTrainedModel.from_pretrained`, plus Engram table placement.
+
+        `engram_storage="host"|"disk"` (or a `device_map` from `engram_device_map`, or `device_map="auto"`) keeps
+        the tables out of transformers' loader and Accelerate's hooks: they are read from the checkpoint files
+        here (disk: memory-mapped), so no offload hook ever copies a whole table per forward.
+        """
+        kwargs = resolve_table_placement(cls, args, kwargs)
+        token = EXTERNAL_TABLES.set(True)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        finally:
+            EXTERNAL_TABLES.reset(token)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        attach_checkpoint_tables(model, getattr(model, "_engram_checkpoint_files", None))
         try:
             model.base_model.hasher.check_token_map()
         except ValueError as error:
             raise ValueError(f"checkpoint {args[0] if args else ''!s} does not match its config: {error}") from None
         return loaded
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        model._engram_checkpoint_files = checkpoint_files  # for `attach_checkpoint_tables`, after loading
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+
+    def engram_cache_stats(self) -> dict[int, dict[str, float]]:
+        """Hot-row cache statistics per Engram layer (`engram_cache_rows > 0`)."""
+        return {
+            layer_id: self.base_model.layers[layer_id].engram.table.cache.stats()
+            for layer_id in self.config.engram_layer_ids
+            if self.base_model.layers[layer_id].engram.table.cache is not None
+        }
 
 
 class EngramModel(EngramPreTrainedModel):
@@ -163,6 +198,15 @@ class EngramModel(EngramPreTrainedModel):
                 ).squeeze(1)
         return self.hasher.hash_tokens(tokens[:, -(history + input_ids.shape[1]) :])
 
+    def prefetch_rows(self, hash_ids: dict[int, torch.LongTensor]) -> dict[int, RowFetch]:
+        """Start the row fetch of every host/disk table at once; each Engram layer waits only for its own."""
+        if not self.config.engram_prefetch or self.config.engram_storage == "device":
+            return {}
+        return {
+            layer_id: self.layers[layer_id].engram.table.fetch(ids, asynchronous=True)
+            for layer_id, ids in hash_ids.items()
+        }
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -205,6 +249,7 @@ class EngramModel(EngramPreTrainedModel):
         if attention_mask is not None and attention_mask.ndim == 2:
             token_mask = attention_mask[:, -input_ids.shape[1] :]
         hash_ids = self.engram_hash_ids(input_ids, token_mask, cache)
+        rows = self.prefetch_rows(hash_ids)
 
         hidden_states = inputs_embeds.repeat(1, 1, self.config.hc_mult)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
@@ -218,6 +263,7 @@ class EngramModel(EngramPreTrainedModel):
                 use_cache=use_cache,
                 engram_hash_ids=hash_ids,
                 engram_token_mask=token_mask,
+                engram_rows=rows,
                 **kwargs,
             )
         hidden_states = hidden_states.unflatten(-1, (self.config.hc_mult, self.config.hidden_size)).mean(-2)
