@@ -7,6 +7,8 @@ rows are read where the table lives and only they are copied over.
 
 import contextvars
 import json
+import mmap
+import os
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,16 +35,16 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_executor: ThreadPoolExecutor | None = None
+_executors: dict[str, ThreadPoolExecutor] = {}
 _executor_lock = threading.Lock()
+DISK_READ_CHUNKS = 8  # concurrent page-fault readers per disk gather: SSDs serve random reads best at depth > 1
 
 
-def _prefetch_executor() -> ThreadPoolExecutor:
-    global _executor
+def _executor(name: str, workers: int) -> ThreadPoolExecutor:
     with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="engram-prefetch")
-    return _executor
+        if name not in _executors:
+            _executors[name] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    return _executors[name]
 
 
 def safetensors_index(path: str) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
@@ -59,13 +61,30 @@ def safetensors_index(path: str) -> dict[str, tuple[torch.dtype, list[int], int,
     }
 
 
-def map_safetensors_tensor(path: str, entry: tuple[torch.dtype, list[int], int, int]) -> torch.Tensor:
-    """A CPU tensor backed by the file's pages (copy-on-write memory map): rows are read when indexed."""
-    import numpy as np
+class FileMapping:
+    """A private (copy-on-write) memory map of one tensor of a safetensors file; pages are read when touched."""
 
-    dtype, shape, start, end = entry
-    pages = np.memmap(path, dtype=np.uint8, mode="c", offset=start, shape=(end - start,))
-    return torch.from_numpy(pages).view(dtype).view(shape)
+    def __init__(self, path: str, entry: tuple[torch.dtype, list[int], int, int]):
+        import numpy as np
+
+        dtype, shape, self.start, self.end = entry
+        self.path = path
+        with open(path, "rb") as handle:
+            self.mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.mmap.madvise(mmap.MADV_RANDOM)  # row gathers are random: no readahead around each faulted page
+        pages = np.frombuffer(self.mmap, dtype=np.uint8, count=self.end - self.start, offset=self.start)
+        self.tensor = torch.from_numpy(pages).view(dtype).view(shape)
+
+    def release_pages(self) -> None:
+        """Drop the mapped pages from this process and the file from the page cache (cold reads next time)."""
+        start = self.start - self.start % mmap.PAGESIZE
+        self.mmap.madvise(mmap.MADV_DONTNEED, start, self.end - start)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)  # dirty pages (a freshly saved file) cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 class HotRowCache:
@@ -154,6 +173,7 @@ class EngramTable(nn.Module):
         self.head_dim = head_dim
         self.storage = storage
         self.cache = HotRowCache(cache_rows) if cache_rows > 0 else None
+        self.mapping: FileMapping | None = None  # disk storage: the memory map behind `weight`
         self._copy_stream = None
         if storage != "device" and EXTERNAL_TABLES.get():
             self.register_parameter("weight", None)  # read from the checkpoint by `attach_checkpoint_tables`
@@ -187,10 +207,18 @@ class EngramTable(nn.Module):
         finally:
             self._parameters["weight"] = weight
 
+    def _gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """`weight[ids]` where the table lives; disk tables fault their pages in from several threads at once."""
+        if self.storage != "disk" or ids.numel() < 1024:
+            return F.embedding(ids, self.weight)
+        readers = _executor("engram-disk-read", DISK_READ_CHUNKS)
+        parts = [readers.submit(F.embedding, part, self.weight) for part in ids.chunk(DISK_READ_CHUNKS)]
+        return torch.cat([part.result() for part in parts])
+
     def _read(self, unique: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.cuda.Event]:
         """Rows of the unique ids, copied to the ids' device (a CUDA side stream when that is a GPU)."""
         device = unique.device
-        rows = F.embedding(unique.to(self.weight.device), self.weight)
+        rows = self._gather_rows(unique.to(self.weight.device))
         if device.type != "cuda" or rows.device == device:
             return rows.to(device)
         if self._copy_stream is None:
@@ -229,7 +257,8 @@ class EngramTable(nn.Module):
         unique, inverse = torch.unique(ids, return_inverse=True)
         grad_enabled = torch.is_grad_enabled()
         if asynchronous:
-            return RowFetch(_prefetch_executor().submit(self._gather_unique, unique, grad_enabled), inverse)
+            prefetch = _executor("engram-prefetch", 4).submit(self._gather_unique, unique, grad_enabled)
+            return RowFetch(prefetch, inverse)
         return RowFetch(self._gather_unique(unique, grad_enabled), inverse)
 
     def forward(self, hash_ids: torch.LongTensor) -> torch.Tensor:
@@ -262,11 +291,13 @@ def attach_checkpoint_tables(model: nn.Module, checkpoint_files: list[str] | Non
         found = next((index[c] for c in candidates if c in index), None)
         if found is None:
             raise ValueError(f"checkpoint has no tensor {key!r} for an Engram table with storage={table.storage!r}")
-        weight = map_safetensors_tensor(*found)
+        mapping = FileMapping(*found)
         if table.storage == "host":
-            host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=torch.cuda.is_available())
-            weight = host.copy_(weight)
-        table.attach(weight, requires_grad=table.storage == "host")
+            weight = torch.empty(mapping.tensor.shape, dtype=mapping.tensor.dtype, pin_memory=torch.cuda.is_available())
+            table.attach(weight.copy_(mapping.tensor), requires_grad=True)
+        else:
+            table.attach(mapping.tensor, requires_grad=False)
+            table.mapping = mapping
 
 
-__all__ = ["EngramTable", "HotRowCache", "RowFetch", "attach_checkpoint_tables", "safetensors_index"]
+__all__ = ["EngramTable", "FileMapping", "HotRowCache", "RowFetch", "attach_checkpoint_tables", "safetensors_index"]
