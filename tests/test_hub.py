@@ -289,3 +289,33 @@ def test_card_template_is_package_data_with_a_single_source(tmp_path):
 
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     assert f"modeling_engram/{CARD_TEMPLATE}" in zipfile.ZipFile(wheel).namelist()
+
+
+# --- 5. the "share on the Hub" notebook, executed against the fake Hub ----------------------------------------------
+
+
+def test_share_on_the_hub_notebook_runs_against_the_fake_hub(fake_hub, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "examples" / "share_on_the_hub.ipynb", as_version=4)
+    env = {**hub_env(fake_hub, tmp_path), "ENGRAM_HUB_REPO": "user/notebook-engram"}
+    NotebookClient(notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+                   ).execute(env=env)
+    printed = "".join(
+        output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+    )
+    assert "identical logits: True" in printed and "identical logits from the Hub: True" in printed
+    files = fake_hub.files("user/notebook-engram")
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", *exported_code_files()} <= set(files)
+    assert "None: random weights" in files["README.md"].decode()
+    assert (tmp_path / "outputs" / "share_on_the_hub" / "model.safetensors").exists()
+    assert fake_hub.unhandled == []
+
+
+def test_readme_names_every_file_trust_remote_code_runs():
+    readme = (ROOT / "README.md").read_text()
+    runs = readme.split("### What `trust_remote_code=True` runs")[1].split("\n#")[0]
+    contains = readme.split("**A pushed repo contains**")[1].split("\n- ")[0]
+    for file in exported_code_files():
+        assert f"`{file}`" in runs and f"`{file}`" in contains, f"README.md does not name {file}"
