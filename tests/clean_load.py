@@ -9,7 +9,8 @@ script checks that importing it fails. Unpickling is made to fail too, so a load
 SPEC is a JSON object: `source` (folder or Hub repo id), `out` (a .safetensors file for the outputs), `report` (a
 JSON file: the classes' modules, modules imported from `package_dir`, the error of `broken_source`), optional
 `tokenizer` (also load the tokenizer from `source`), `broken_source` (a folder that must fail to load),
-`package_dir` (no module may be imported from it). `outputs()` is also imported by the tests, to compute the
+`package_dir` (no module may be imported from it), `push_to` (a repo id: push the loaded model there again, which
+takes transformers' own push_to_hub since the package's hub helper is absent). `outputs()` is also imported by the tests, to compute the
 reference outputs with the package's own classes.
 """
 
@@ -95,6 +96,9 @@ def main(spec: dict) -> None:
     with torch.no_grad():
         result["base_hidden"] = base(torch.tensor(INPUT_IDS), attention_mask=torch.tensor(ATTENTION_MASK)).last_hidden_state
     save_file({k: v.contiguous() for k, v in result.items()}, spec["out"])
+
+    if spec.get("push_to"):
+        model.push_to_hub(spec["push_to"])
 
     package_dir = spec.get("package_dir")
     report.update(

@@ -148,7 +148,7 @@ class FakeHub:
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return repo, commit
 
-    # --- endpoints: each takes the request and its route's match, returns (status, headers, body) --------------------
+    # Endpoints: each takes the request and its route's match and returns (status, headers, body).
 
     def create_repo(self, request, match):
         payload = request.json()
