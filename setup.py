@@ -11,6 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["modeling_engram"],
+    package_data={"modeling_engram": ["model_card_template.md"]},  # the model card's one source, read by hub.py
     install_requires=[
         "torch>=2.6",
         "transformers>=5.24,<6",
@@ -19,6 +20,8 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "accelerate>=1.10",
+        "huggingface_hub>=1.0",
+        "jinja2>=3.1",
     ],
     extras_require={
         "triton": ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],

@@ -3,7 +3,12 @@
 The backbone is transformers' Llama (RMSNorm, RoPE, grouped-query attention through the attention interface,
 SwiGLU MLP), reused rather than copied; Engram sits before attention at `config.engram_layer_ids`. The hash ids of
 every Engram layer are computed once, at model entry, from the token ids alone.
+
+This file and the same-folder modules it imports (`from .module import name`, nothing else) are what
+`save_pretrained` exports for `trust_remote_code`; package helpers (token map, hub) stay out of it.
 """
+
+import importlib
 
 import torch
 from torch import nn
@@ -111,6 +116,34 @@ class EngramPreTrainedModel(PreTrainedModel):
         """Install the tokenizer-compression map built by `build_token_map` (checked against the config)."""
         self.base_model.hasher.set_token_map(token_map)
 
+    @staticmethod
+    def export_auto_map() -> dict[str, str]:
+        """The `auto_map` of an exported folder: every Auto class its code serves, as `module.Class`."""
+        module = __name__.rsplit(".", 1)[-1]
+        return {
+            "AutoConfig": f"{EngramConfig.__module__.rsplit('.', 1)[-1]}.{EngramConfig.__name__}",
+            "AutoModel": f"{module}.{EngramModel.__name__}",
+            "AutoModelForCausalLM": f"{module}.{EngramForCausalLM.__name__}",
+        }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained; with the code exported (`register_for_auto_class`, done on import of the
+        package), config.json's `auto_map` names all three Auto classes, whichever of them this model is."""
+        if self.is_remote_code():
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.export_auto_map()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """transformers' push_to_hub; with the modeling_engram package installed, the commit also carries the Engram
+        model card (see `modeling_engram.hub.push_to_hub` for the card options and `tokenizer=`)."""
+        try:  # the package's hub helper is never exported, so code loaded with trust_remote_code falls back
+            hub = importlib.import_module(f"{__package__}.hub")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__package__}.hub":
+                raise
+            return super().push_to_hub(repo_id, **kwargs)
+        return hub.push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, plus Engram table placement.
@@ -119,6 +152,10 @@ class EngramPreTrainedModel(PreTrainedModel):
         the tables out of transformers' loader and Accelerate's hooks: they are read from the checkpoint files
         here (disk: memory-mapped), so no offload hook ever copies a whole table per forward.
         """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("Engram checkpoints load from safetensors only (loading never unpickles); "
+                             "drop use_safetensors=False.")
+        kwargs["use_safetensors"] = True
         kwargs = resolve_table_placement(cls, args, kwargs)
         token = EXTERNAL_TABLES.set(True)
         try:
