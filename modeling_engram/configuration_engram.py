@@ -100,6 +100,7 @@ class EngramConfig(PreTrainedConfig):
 
     Engram fields (defaults reproduce the public reference demo `engram_demo_v1.py`):
         engram_layer_ids: 0-based decoder layer indices that carry Engram; also the integers seeding the hashes.
+            `[]` builds the backbone alone (a baseline without Engram).
         max_ngram_size: largest n-gram order N (orders 2..N are hashed).
         n_head_per_ngram: hash heads per order.
         n_embed_per_ngram: memory width per order (split evenly over its heads).
@@ -269,7 +270,7 @@ class EngramConfig(PreTrainedConfig):
 
     def _validate_multipliers(self):
         expected = (len(self.engram_layer_ids), self.max_ngram_size)
-        shape = (len(self.engram_multipliers), *{len(m) for m in self.engram_multipliers})
+        shape = (len(self.engram_multipliers), *({len(m) for m in self.engram_multipliers} or {self.max_ngram_size}))
         if shape != expected:
             raise ValueError(
                 f"EngramConfig: engram_multipliers has shape {shape}, expected {expected} "

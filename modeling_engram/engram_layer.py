@@ -86,7 +86,8 @@ class EngramKeyValue(nn.Module):
         self.key_weight = nn.Parameter(torch.empty(config.hc_mult * config.hidden_size, config.engram_dim))
 
     def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        value_and_keys = F.linear(rows, torch.cat([self.value_weight, self.key_weight]))
+        weight = torch.cat([self.value_weight, self.key_weight])
+        value_and_keys = F.linear(rows.to(weight.dtype), weight)
         return value_and_keys.split([self.value_size, self.key_weight.shape[0]], dim=-1)
 
     def extra_repr(self) -> str:
@@ -123,8 +124,7 @@ class EngramLayer(nn.Module):
         token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         branches = (self.hc_mult, self.hidden_size)
-        rows = self.table(hash_ids).to(self.kv_proj.key_weight.dtype)
-        value, keys = self.kv_proj(rows)
+        value, keys = self.kv_proj(self.table(hash_ids))
         key = self.key_norm(keys.unflatten(-1, branches))
         query = self.query_norm(hidden_states.unflatten(-1, branches))
         gate = signed_sqrt_gate(query, key)
