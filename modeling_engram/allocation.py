@@ -10,7 +10,7 @@ rho = 1 is a pure MoE; lowering rho removes routed experts and spends their para
 from the config alone (no model is built); tests check them against a model built on the meta device.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .configuration_engram import EngramConfig
 
@@ -125,16 +125,20 @@ class SparsityAllocation:
 
     def apply(self, config: EngramConfig) -> EngramConfig:
         """A copy of `config` with these routed experts and table sizes (without Engram layers when 0 rows)."""
-        settings = config.to_dict()
-        for key in ("model_type", "transformers_version", "architectures", "engram_table_sizes",
-                    "engram_multipliers", "layer_types", "number_of_conv_states"):
-            settings.pop(key, None)
-        settings["n_routed_experts"] = self.n_routed_experts
         if self.engram_rows_per_head:
-            settings["engram_vocab_size"] = [self.engram_rows_per_head] * (config.max_ngram_size - 1)
+            engram = dict(engram_vocab_size=[self.engram_rows_per_head] * (config.max_ngram_size - 1))
         else:
-            settings["engram_layer_ids"] = []
-        return EngramConfig(**settings)
+            engram = dict(engram_layer_ids=[])
+        return config_with(config, n_routed_experts=self.n_routed_experts, **engram)
+
+
+def config_with(config: EngramConfig, **changes) -> EngramConfig:
+    """A new config with `changes`, its derived values (hash constants, layer types) derived afresh."""
+    settings = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "engram_table_sizes", "engram_multipliers",
+                "layer_types", "number_of_conv_states"):
+        settings.pop(key, None)
+    return EngramConfig(**(settings | changes))
 
 
 def allocate(config: EngramConfig, total_parameters: int, activated_parameters: int, rho: float) -> SparsityAllocation:
@@ -171,4 +175,4 @@ def allocate(config: EngramConfig, total_parameters: int, activated_parameters: 
     )
 
 
-__all__ = ["ParameterCount", "SparsityAllocation", "allocate", "count_parameters", "expert_parameters"]
+__all__ = ["ParameterCount", "SparsityAllocation", "allocate", "config_with", "count_parameters", "expert_parameters"]
