@@ -39,6 +39,14 @@ def signed_sqrt_gate(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(scores.abs().clamp_min(1e-6).sqrt() * scores.sign())
 
 
+class EngramGate(nn.Module):
+    """The context-aware gate as a module (no parameters), so forward hooks can read alpha [B, T, M, 1]
+    (`visualize.gate_heatmap` does)."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return signed_sqrt_gate(query, key)
+
+
 class EngramShortConv(nn.Module):
     """Y = SiLU(causal depthwise Conv1D(x)), kernel `engram_kernel_size`, dilation `max_ngram_size`.
 
@@ -118,6 +126,7 @@ class EngramLayer(nn.Module):
         self.key_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.conv_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.short_conv = EngramShortConv(config, layer_idx)
+        self.gate = EngramGate()
 
     def forward(
         self,
@@ -132,7 +141,7 @@ class EngramLayer(nn.Module):
         value, keys = self.kv_proj(self.table(hash_ids) if rows is None else rows)
         key = self.key_norm(keys.unflatten(-1, branches))
         query = self.query_norm(hidden_states.unflatten(-1, branches))
-        gate = signed_sqrt_gate(query, key)
+        gate = self.gate(query, key)
         values = (gate * value.unsqueeze(-2)).flatten(-2)
         conv_inputs = self.conv_norm(values.unflatten(-1, branches)).flatten(-2)
         if token_mask is not None:  # padding positions feed zeros to the conv, as positions before the start do
@@ -140,4 +149,4 @@ class EngramLayer(nn.Module):
         return values + self.short_conv(conv_inputs, cache)
 
 
-__all__ = ["EngramLayer", "EngramKeyValue", "EngramShortConv", "BranchRMSNorm", "signed_sqrt_gate"]
+__all__ = ["EngramLayer", "EngramGate", "EngramKeyValue", "EngramShortConv", "BranchRMSNorm", "signed_sqrt_gate"]
