@@ -77,6 +77,10 @@ class EngramLayer(nn.Module):
     Y = SiLU(Conv(RMSNorm(U))) + U. The keys of all branches are one matmul (`key_proj`).
     """
 
+    # Submodules that compute only the gate alpha, by role: what gating-only fine-tuning trains (gating_peft.py).
+    gating_projections = ("key_proj",)
+    gating_norms = ("query_norm", "key_norm")
+
     def __init__(self, config: EngramConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

@@ -86,11 +86,12 @@ class EngramPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {"hidden_states": EngramDecoderLayer, "attentions": LlamaAttention}
 
     def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, EngramTable):
+        if isinstance(module, EngramTable):  # an nn.Embedding: initialised here alone, so its rows are drawn once
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.copy_(module.offsets, module.head_offsets())
-        elif isinstance(module, EngramShortConv):
+            return
+        super()._init_weights(module)
+        if isinstance(module, EngramShortConv):
             init.zeros_(module.weight)
         elif isinstance(module, EngramHasher):
             init.copy_(module.token_map, module.default_token_map())
