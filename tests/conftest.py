@@ -74,7 +74,11 @@ def deepseek_v3_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """A character-level tokenizer (printable ASCII + specials), made here: nothing comes from the Hub."""
+    return make_tiny_tokenizer()
+
+
+def make_tiny_tokenizer():
+    """A character-level tokenizer (printable ASCII + specials, 99 ids), made here: nothing comes from the Hub."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
