@@ -21,7 +21,9 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        "examples": ["datasets>=4.0", "matplotlib>=3.8", "accelerate>=1.10"],
+        "train": ["accelerate>=1.10", "datasets>=4.0", "peft>=0.21"],
+        "examples": ["datasets>=4.0", "matplotlib>=3.8", "accelerate>=1.10", "peft>=0.21", "nbclient>=0.10",
+                     "nbformat>=5.10", "ipykernel>=6.29"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -29,6 +31,10 @@ setup(
             "datasets>=4.0",
             "matplotlib>=3.8",
             "accelerate>=1.10",
+            "peft>=0.21",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
     },
 )
