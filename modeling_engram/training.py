@@ -1,8 +1,8 @@
 """Training at table scale: the paper's optimizer recipe with sparse table updates, and `EngramTrainer`.
 
-Recipe (paper section 4): the memory tables train with Adam at `lr * table_lr_multiplier` (5 by default) and no
-weight decay; every other parameter with AdamW and weight decay (biases and norm weights excluded, as in
-`transformers.Trainer`). One optimizer holds both as parameter groups, so any LR scheduler drives both and the
+Recipe (the paper's Engram-27B settings): the memory tables train with Adam at `lr * table_lr_multiplier` (5 by
+default) and no weight decay; every other parameter with AdamW and weight decay (biases and norm weights excluded,
+as in `transformers.Trainer`). One optimizer holds both as parameter groups, so any LR scheduler drives both and the
 table learning rate stays `table_lr_multiplier` times the rest at every step.
 
 Sparse updates. A step must cost what the gathered rows cost, not what the table costs. `create_engram_optimizer`

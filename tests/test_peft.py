@@ -93,3 +93,14 @@ def test_lora_options_need_the_lora_variant():
     with pytest.raises(ValueError, match="lora_r=0 is invalid"):
         gating_peft_config(lora_r=0)
     assert gating_peft_config(lora_r=8).lora_alpha == 8
+
+
+def test_engram_optimizer_on_a_gating_peft_model_holds_only_the_trainable_gating():
+    from modeling_engram import create_engram_optimizer
+
+    model = get_peft_model(tiny_model(), gating_peft_config())
+    optimizer = create_engram_optimizer(model, lr=1e-3, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    held = {base_name(names[id(p)]) for group in optimizer.param_groups for p in group["params"]}
+    assert held == set(GATING) and "engram_tables" not in {group["name"] for group in optimizer.param_groups}
+    assert not any(module.sparse for name, module in model.named_modules() if name.endswith("engram.table"))
