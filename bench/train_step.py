@@ -1,12 +1,13 @@
 """Training-step time and optimizer state vs table size: the same model with ~1e5 and ~1e7 table rows.
 
-    python bench/train_step.py                 # ~2 minutes on 2 CPU cores, ~4 GB of memory
+    python bench/train_step.py                 # ~20 s on 2 idle CPU cores (minutes when shared), 4.2 GB peak
     python bench/train_step.py --steps 40 --batch-size 16
 
 A step is forward + backward + gradient clipping + optimizer step + zero_grad, timed for both table sizes in
 alternation within one run (so machine load hits both alike); the ratio of the medians (and of the fastest steps,
-steadier on a shared machine) is the cost of a 100x larger table. `create_engram_optimizer` (sparse table gradients, lazy Adam) is measured against torch AdamW with
-dense table gradients (the naive baseline) in the same run. Prints a markdown table for docs/benchmarks.md.
+steadier on a shared machine) is the cost of a 100x larger table. `create_engram_optimizer` (sparse table
+gradients, lazy Adam) is measured against torch AdamW with dense table gradients (the naive baseline) in the same
+run. Prints a markdown table for docs/benchmarks.md.
 """
 
 import argparse

@@ -26,8 +26,8 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-from torch.optim.adam import adam
 from torch import nn
+from torch.optim.adam import adam
 from transformers import Trainer
 
 from .memory import EngramTable
@@ -88,9 +88,9 @@ def check_sparse_grad_support(tables: Iterable[nn.Module]) -> None:
         if _backend_for(device_type) == "nccl":
             raise ValueError(
                 f"Sparse Engram table gradients cannot be all-reduced by the NCCL backend (tables on {device_type}): "
-                "NCCL has no sparse all-reduce. Use the gloo backend (e.g. keep the tables on the CPU under "
-                "`init_process_group('cpu:gloo,cuda:nccl')`), or pass sparse_table_grads=False for dense table "
-                "gradients (each step then costs O(table rows) in backward, all-reduce and optimizer)."
+                "NCCL has no sparse all-reduce. Use the gloo backend, or pass sparse_table_grads=False "
+                "(EngramTrainer, create_engram_optimizer) for dense table gradients: each step then costs "
+                "O(table rows) in backward, all-reduce and optimizer."
             )
 
 
@@ -118,8 +118,8 @@ def set_sparse_table_grads(model: nn.Module, enabled: bool = True) -> list[Engra
 class EngramAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose parameters may have sparse COO gradients, updated lazily per row.
 
-    Dense gradients take torch's own Adam (functional `torch.optim.adam.adam`, decoupled weight decay), so dense groups match
-    `torch.optim.AdamW`. A sparse gradient [rows, D] updates only its rows: their moments, then the parameter rows,
+    Dense gradients take torch's own functional Adam (`torch.optim.adam.adam`, decoupled weight decay), so dense
+    groups match `torch.optim.AdamW`. A sparse gradient [rows, D] updates only its rows: their moments, then the parameter rows,
     with bias correction from the parameter's global step count. For a row gathered at every step this equals
     dense Adam exactly; a row not gathered keeps its value and its moments. Sparse gradients need weight_decay 0.
     """
@@ -134,7 +134,8 @@ class EngramAdamW(torch.optim.Optimizer):
     ):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise ValueError(
-                f"EngramAdamW: lr={lr}, eps={eps}, weight_decay={weight_decay} must be >= 0 and betas={betas} in [0, 1)."
+                f"EngramAdamW: lr={lr}, eps={eps}, weight_decay={weight_decay} must be >= 0 "
+                f"and betas={betas} in [0, 1)."
             )
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
