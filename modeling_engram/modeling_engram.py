@@ -3,7 +3,12 @@
 The backbone is transformers' Llama (RMSNorm, RoPE, grouped-query attention through the attention interface,
 SwiGLU MLP), reused rather than copied; Engram sits before attention at `config.engram_layer_ids`. The hash ids of
 every Engram layer are computed once, at model entry, from the token ids alone.
+
+This file and the same-folder modules it imports (`from .module import name`, nothing else) are what
+`save_pretrained` exports for `trust_remote_code`; package helpers (token map, hub) stay out of it.
 """
+
+import importlib
 
 import torch
 from torch import nn
@@ -23,7 +28,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_engram import EngramConfig
 from .engram_layer import TOKEN_STATE, EngramLayer, EngramShortConv
 from .hashing import EngramHasher
-from .memory import EngramTable
+from .memory import EXTERNAL_TABLES, EngramTable, RowFetch, attach_checkpoint_tables
+from .placement import resolve_table_placement
 
 
 class EngramDecoderLayer(GradientCheckpointingLayer):
@@ -53,11 +59,17 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         engram_hash_ids: dict[int, torch.LongTensor] | None = None,
         engram_token_mask: torch.Tensor | None = None,
+        engram_rows: dict[int, RowFetch] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         if self.engram is not None:
+            fetched = engram_rows.get(self.layer_idx) if engram_rows else None
             hidden_states = hidden_states + self.engram(
-                hidden_states, engram_hash_ids[self.layer_idx], cache=cache, token_mask=engram_token_mask
+                hidden_states,
+                engram_hash_ids[self.layer_idx],
+                cache=cache,
+                token_mask=engram_token_mask,
+                rows=fetched.wait() if fetched is not None else None,
             )
         branches = hidden_states.unflatten(-1, self.branches)
         attn_output, _ = self.self_attn(
@@ -84,10 +96,13 @@ class EngramPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": EngramDecoderLayer, "attentions": LlamaAttention}
+    # Host/disk tables are read by `attach_checkpoint_tables`, so transformers must not load (or warn about) them.
+    _keys_to_ignore_on_load_unexpected = [r"engram\.table\.weight$"]
 
     def _init_weights(self, module):
         if isinstance(module, EngramTable):  # an nn.Embedding: initialised here alone, so its rows are drawn once
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.weight is not None and module.weight.requires_grad:
+                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.copy_(module.offsets, module.head_offsets())
             return
         super()._init_weights(module)
@@ -102,15 +117,72 @@ class EngramPreTrainedModel(PreTrainedModel):
         """Install the tokenizer-compression map built by `build_token_map` (checked against the config)."""
         self.base_model.hasher.set_token_map(token_map)
 
+    @staticmethod
+    def export_auto_map() -> dict[str, str]:
+        """The `auto_map` of an exported folder: every Auto class its code serves, as `module.Class`."""
+        module = __name__.rsplit(".", 1)[-1]
+        return {
+            "AutoConfig": f"{EngramConfig.__module__.rsplit('.', 1)[-1]}.{EngramConfig.__name__}",
+            "AutoModel": f"{module}.{EngramModel.__name__}",
+            "AutoModelForCausalLM": f"{module}.{EngramForCausalLM.__name__}",
+        }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained; with the code exported (`register_for_auto_class`, done on import of the
+        package), config.json's `auto_map` names all three Auto classes, whichever of them this model is."""
+        if self.is_remote_code():
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.export_auto_map()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """transformers' push_to_hub; with the modeling_engram package installed, the commit also carries the Engram
+        model card (see `modeling_engram.hub.push_to_hub` for the card options and `tokenizer=`)."""
+        try:  # the package's hub helper is never exported, so code loaded with trust_remote_code falls back
+            hub = importlib.import_module(f"{__package__}.hub")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__package__}.hub":
+                raise
+            return super().push_to_hub(repo_id, **kwargs)
+        return hub.push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+        """`PreTrainedModel.from_pretrained`, plus Engram table placement.
+
+        `engram_storage="host"|"disk"` (or a `device_map` from `engram_device_map`, or `device_map="auto"`) keeps
+        the tables out of transformers' loader and Accelerate's hooks: they are read from the checkpoint files
+        here (disk: memory-mapped), so no offload hook ever copies a whole table per forward.
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("Engram checkpoints load from safetensors only (loading never unpickles); "
+                             "drop use_safetensors=False.")
+        kwargs["use_safetensors"] = True
+        kwargs = resolve_table_placement(cls, args, kwargs)
+        token = EXTERNAL_TABLES.set(True)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        finally:
+            EXTERNAL_TABLES.reset(token)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        attach_checkpoint_tables(model, getattr(model, "_engram_checkpoint_files", None))
         try:
             model.base_model.hasher.check_token_map()
         except ValueError as error:
             raise ValueError(f"checkpoint {args[0] if args else ''!s} does not match its config: {error}") from None
         return loaded
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        model._engram_checkpoint_files = checkpoint_files  # for `attach_checkpoint_tables`, after loading
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+
+    def engram_cache_stats(self) -> dict[int, dict[str, float]]:
+        """Hot-row cache statistics per Engram layer (`engram_cache_rows > 0`)."""
+        return {
+            layer_id: self.base_model.layers[layer_id].engram.table.cache.stats()
+            for layer_id in self.config.engram_layer_ids
+            if self.base_model.layers[layer_id].engram.table.cache is not None
+        }
 
 
 class EngramModel(EngramPreTrainedModel):
@@ -164,6 +236,15 @@ class EngramModel(EngramPreTrainedModel):
                 ).squeeze(1)
         return self.hasher.hash_tokens(tokens[:, -(history + input_ids.shape[1]) :])
 
+    def prefetch_rows(self, hash_ids: dict[int, torch.LongTensor]) -> dict[int, RowFetch]:
+        """Start the row fetch of every host/disk table at once; each Engram layer waits only for its own."""
+        if not self.config.engram_prefetch or self.config.engram_storage == "device":
+            return {}
+        return {
+            layer_id: self.layers[layer_id].engram.table.fetch(ids, asynchronous=True)
+            for layer_id, ids in hash_ids.items()
+        }
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -206,6 +287,7 @@ class EngramModel(EngramPreTrainedModel):
         if attention_mask is not None and attention_mask.ndim == 2:
             token_mask = attention_mask[:, -input_ids.shape[1] :]
         hash_ids = self.engram_hash_ids(input_ids, token_mask, cache)
+        rows = self.prefetch_rows(hash_ids)
 
         hidden_states = inputs_embeds.repeat(1, 1, self.config.hc_mult)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
@@ -219,6 +301,7 @@ class EngramModel(EngramPreTrainedModel):
                 use_cache=use_cache,
                 engram_hash_ids=hash_ids,
                 engram_token_mask=token_mask,
+                engram_rows=rows,
                 **kwargs,
             )
         hidden_states = hidden_states.unflatten(-1, (self.config.hc_mult, self.config.hidden_size)).mean(-2)

@@ -74,11 +74,12 @@ def deepseek_v3_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
+    """A character-level tokenizer (printable ASCII + specials, 99 ids), made here: nothing comes from the Hub."""
     return make_tiny_tokenizer()
 
 
 def make_tiny_tokenizer():
-    """A character-level tokenizer (printable ASCII + specials, 99 ids), made here: nothing comes from the Hub."""
+    """The `tiny_tokenizer` fixture as a plain function, for scripts that run outside pytest."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
