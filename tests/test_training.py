@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import tiny_model, write_text_files
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup
+from transformers import (AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments,
+                          get_cosine_schedule_with_warmup)
 
 from modeling_engram import EngramTrainer, create_engram_optimizer, text_blocks_dataset
 from modeling_engram.training import EngramAdamW, engram_parameter_groups, table_optimizer_state_bytes
@@ -94,6 +95,26 @@ def test_rows_never_gathered_keep_their_values_and_zero_moments():
         state = optimizer.state[table.weight]
         assert torch.count_nonzero(state["exp_avg"][~rows]) == 0 and torch.count_nonzero(state["exp_avg_sq"][~rows]) == 0
         assert (state["exp_avg_sq"][moved] > 0).any(dim=1).all()
+
+
+def test_host_tables_train_sparsely_like_device_tables(tmp_path):
+    """engram_storage="host" (deduplicated gather, background prefetch) gets the same sparse updates."""
+    tiny_model().save_pretrained(tmp_path)
+    runs = {}
+    for storage in ("device", "host"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", engram_storage=storage)
+        optimizer = create_engram_optimizer(model.train(), lr=1e-2, weight_decay=0.1)
+        for step in range(3):
+            batch = ids(seed=step)
+            model(batch, labels=batch).loss.backward()
+            assert all(table.weight.grad.is_sparse for table in tables(model).values())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            optimizer.step()
+            optimizer.zero_grad()
+        runs[storage] = model
+    assert all(table.storage == "host" for table in tables(runs["host"]).values())
+    for (name, param), expected in zip(runs["host"].named_parameters(), runs["device"].parameters()):
+        torch.testing.assert_close(param, expected, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_lazy_adam_rows_match_a_hand_computation():
