@@ -154,7 +154,8 @@ def test_sparse_gradients_need_zero_weight_decay():
 def test_gradient_norms_and_clipping_treat_sparse_tables_like_dense_ones(ord):
     create_engram_optimizer(tiny_model())  # registers the sparse norm kernel
     indices = torch.tensor([[4, 1, 4, 0]])  # row 4 twice: the norm is the norm of the summed rows
-    sparse = torch.sparse_coo_tensor(indices, torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), (6, 3))
+    values = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    sparse = torch.sparse_coo_tensor(indices, values, (6, 3), check_invariants=True)
     dense = sparse.to_dense()
     torch.testing.assert_close(torch.linalg.vector_norm(sparse, ord), torch.linalg.vector_norm(dense, ord))
     params = [nn.Parameter(torch.zeros(6, 3)), nn.Parameter(torch.zeros(6, 3)), nn.Parameter(torch.zeros(2))]
@@ -320,7 +321,7 @@ def test_activation_checkpointing_and_bf16_autocast_under_engram_trainer(tmp_pat
         runs[name] = (trainer, dtypes)
     assert runs["fp32"][1] == runs["checkpointed"][1] == {torch.float32}
     assert runs["bf16"][1] == {torch.bfloat16}
-    assert runs["checkpointed"][0].model.is_gradient_checkpointing
+    assert runs["checkpointed"][0].model.is_activation_checkpointing
     for (name, param), expected in zip(runs["checkpointed"][0].model.named_parameters(),
                                        runs["fp32"][0].model.parameters()):
         torch.testing.assert_close(param, expected, atol=1e-6, rtol=1e-5, msg=name)
