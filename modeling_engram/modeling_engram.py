@@ -115,15 +115,17 @@ class EngramPreTrainedModel(PreTrainedModel):
         return True  # the experts class lives in moe.py, where transformers' source heuristic does not look
 
     def _init_weights(self, module):
-        super()._init_weights(module)
         std = self.config.initializer_range
+        if isinstance(module, EngramTable):  # an nn.Embedding: initialised here alone, so its rows are drawn once
+            if module.weight is not None and module.weight.requires_grad:
+                init.normal_(module.weight, mean=0.0, std=std)
+            init.copy_(module.offsets, module.head_offsets())
+            return
+        super()._init_weights(module)
         if isinstance(module, (HyperConnection, HyperHead)):
             init.normal_(module.proj, mean=0.0, std=std)
             init.constant_(module.scale, DYNAMIC_SCALE_INIT)
             init.copy_(module.bias, module.static_bias())
-        elif isinstance(module, EngramKeyValue):
-            init.normal_(module.value_weight, mean=0.0, std=std)
-            init.normal_(module.key_weight, mean=0.0, std=std)
         elif isinstance(module, EngramTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
@@ -131,10 +133,6 @@ class EngramPreTrainedModel(PreTrainedModel):
         elif isinstance(module, EngramExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, EngramTable):
-            if module.weight is not None and module.weight.requires_grad:
-                init.normal_(module.weight, mean=0.0, std=std)
-            init.copy_(module.offsets, module.head_offsets())
         elif isinstance(module, EngramShortConv):
             init.zeros_(module.weight)
         elif isinstance(module, EngramHasher):

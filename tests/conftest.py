@@ -88,7 +88,7 @@ def deepseek_v3_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """A character-level tokenizer (printable ASCII + specials), made here: nothing comes from the Hub."""
+    """A character-level tokenizer (printable ASCII + specials, 99 ids), made here: nothing comes from the Hub."""
     return make_tiny_tokenizer()
 
 
@@ -104,3 +104,23 @@ def make_tiny_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+WORDS = ("the", "table", "gate", "memory", "row", "hash", "token", "layer", "sparse", "adam", "step", "loss")
+
+
+def write_text_files(folder, count: int = 3, words: int = 300, seed: int = 0) -> list:
+    """`count` small text files of words from a 12-word vocabulary (so n-grams repeat), in `folder`."""
+    import random
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    files = []
+    for index in range(count):
+        lines = [" ".join(rng.choices(WORDS, k=8)) for _ in range(words // 8)]
+        path = folder / f"part{index}.txt"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        files.append(path)
+    return files

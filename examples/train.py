@@ -1,0 +1,94 @@
+"""Continue training a saved Engram model on local text files with `EngramTrainer`, in one or several processes.
+
+The paper's recipe (tables: Adam at 5x the learning rate, no weight decay, sparse row updates; the rest AdamW), data
+from `text_blocks_dataset` (tokenised with `datasets`, cut into blocks). Data-parallel runs all-reduce the tables'
+sparse gradients, so every process holds identical tables; N processes with `--batch-size b` train exactly like
+one process with `--batch-size N*b`.
+
+    python examples/main.py                                               # makes outputs/main (model + tokenizer)
+    python examples/train.py --model outputs/main --out outputs/train     # the standard library's source as data
+    torchrun --standalone --nproc_per_node 2 examples/train.py --model outputs/main --batch-size 4
+    accelerate launch --multi_gpu --num_processes 2 examples/train.py --model outputs/main --batch-size 4
+    python examples/train.py --model outputs/main --files notes/*.txt --bf16 --activation-checkpointing
+
+On CPUs the processes use gloo (`accelerate launch` needs `--multi_gpu` for several processes, even there). NCCL
+cannot all-reduce sparse gradients: on GPUs pass --dense-table-grads.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+from modeling_engram import EngramTrainer, text_blocks_dataset
+from modeling_engram.corpus import stdlib_files
+
+
+def table_digests(model) -> dict[str, str]:
+    """sha256 of every Engram table's bytes, to compare the tables held by different processes."""
+    return {
+        name: hashlib.sha256(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        for name, param in model.named_parameters()
+        if ".engram.table." in name
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("outputs/main"), help="saved model and tokenizer")
+    parser.add_argument("--files", type=Path, nargs="*", help="text files (default: standard-library sources)")
+    parser.add_argument("--max-files", type=int, default=200, help="standard-library files when --files is unset")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8, help="per process")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--table-lr-multiplier", type=float, default=5.0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--dense-table-grads", action="store_true", help="for NCCL (no sparse all-reduce)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/train"))
+    parser.add_argument("--report", type=Path, help="write each process's losses and table digests here (JSON)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    files = args.files or stdlib_files(args.max_files, args.seed)[0]
+    blocks = text_blocks_dataset(files, tokenizer, args.block_size)
+    training_args = TrainingArguments(
+        output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 10),
+        bf16=args.bf16, activation_checkpointing=args.activation_checkpointing, logging_steps=1,
+        save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True, ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = EngramTrainer(
+        model=model, args=training_args, train_dataset=blocks, table_lr_multiplier=args.table_lr_multiplier,
+        sparse_table_grads=not args.dense_table_grads,
+    )
+    trainer.train()
+    rank, world_size = trainer.args.process_index, trainer.args.world_size
+    if args.report:
+        sparse = all(module.sparse for name, module in trainer.model.named_modules() if name.endswith("engram.table"))
+        report = {"rank": rank, "world_size": world_size, "tables": table_digests(trainer.model), "sparse": sparse,
+                  "log_history": trainer.state.log_history, "blocks": len(blocks)}
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.report}.rank{rank}").write_text(json.dumps(report, indent=1))
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.out)
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        print(f"{world_size} process(es), {len(blocks)} blocks of {args.block_size} tokens: loss {losses[0]:.3f} -> "
+              f"{losses[-1]:.3f}; saved to {args.out} (pid {os.getpid()})")
+
+
+if __name__ == "__main__":
+    main()

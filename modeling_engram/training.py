@@ -1,0 +1,329 @@
+"""Training at table scale: the paper's optimizer recipe with sparse table updates, and `EngramTrainer`.
+
+Recipe (the paper's Engram-27B settings): the memory tables train with Adam at `lr * table_lr_multiplier` (5 by
+default) and no weight decay; every other parameter with AdamW and weight decay (biases and norm weights excluded,
+as in `transformers.Trainer`). One optimizer holds both as parameter groups, so any LR scheduler drives both and the
+table learning rate stays `table_lr_multiplier` times the rest at every step.
+
+Sparse updates. A step must cost what the gathered rows cost, not what the table costs. `create_engram_optimizer`
+switches every trainable `EngramTable` (an `nn.Embedding`) to sparse gradients: backward then yields a sparse COO
+gradient holding only the gathered rows, and `EngramAdamW` updates only those rows and their moments (a lazy Adam:
+a row's moments decay only when the row is gathered, with bias correction from the global step, as
+`torch.optim.SparseAdam` and TF's LazyAdam do). Why sparse COO gradients rather than a side channel for row
+gradients: they are what autograd, gradient accumulation and DistributedDataParallel (sparse all-reduce on gloo)
+already understand, so `Trainer`, `accelerate` and `torchrun` work unchanged. The moments are dense buffers of the
+table's shape and dtype, allocated once (optimizer state = 2x the table bytes, exactly what dense Adam keeps); only
+the gathered rows of them are read and written per step. Dense moments keep exact Adam per row and a
+checkpointable state of plain tensors; a per-row hash map would only save memory for rows that are never gathered.
+
+torch has no norm for sparse tensors, and `Trainer` computes a gradient norm every step: enabling sparse table
+gradients registers the missing kernel (`linalg_vector_norm` on sparse COO tensors: the norm of the coalesced
+values), so `torch.nn.utils.clip_grad_norm_`, `accelerate` and `Trainer` clip and report norms over tables too.
+"""
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.optim.adam import adam
+from transformers import Trainer
+
+from .memory import EngramTable
+
+logger = logging.getLogger(__name__)
+
+# Trainer's own rule for parameters without weight decay (transformers.Trainer.get_decay_parameter_names).
+NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+TABLE_GROUP, DECAY_GROUP, NO_DECAY_GROUP = "engram_tables", "decay", "no_decay"
+_SPARSE_NORM_LIBRARY = []  # keeps the torch.library registration alive
+
+
+def engram_tables(model: nn.Module) -> list[EngramTable]:
+    """Every Engram memory table of `model` (also inside a PEFT or DDP wrapper)."""
+    return [module for module in model.modules() if isinstance(module, EngramTable)]
+
+
+def _sparse_vector_norm(tensor, ord=2, dim=None, keepdim=False, *, dtype=None):
+    if dim is not None or keepdim:
+        raise NotImplementedError("linalg.vector_norm of a sparse tensor: only the norm over all elements is defined")
+    if ord < 0:
+        raise NotImplementedError(f"linalg.vector_norm of a sparse tensor: ord={ord} < 0 is not supported")
+    return torch.linalg.vector_norm(tensor.coalesce().values(), ord, dtype=dtype)
+
+
+def register_sparse_grad_norm() -> None:
+    """Give `torch.linalg.vector_norm` a kernel for sparse COO tensors (the norm of the coalesced values).
+
+    torch has none, so `clip_grad_norm_` (and `Trainer`, which calls it every step) fails on sparse gradients.
+    Registered once, and only where torch lacks it.
+    """
+    if _SPARSE_NORM_LIBRARY:
+        return
+    probe = torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.long), torch.ones(1), (2,), check_invariants=True)
+    try:
+        torch.linalg.vector_norm(probe)
+        return
+    except NotImplementedError:
+        pass
+    library = torch.library.Library("aten", "IMPL")
+    for dispatch_key in ("SparseCPU", "SparseCUDA"):
+        library.impl("linalg_vector_norm", _sparse_vector_norm, dispatch_key)
+    _SPARSE_NORM_LIBRARY.append(library)
+
+
+def _backend_for(device_type: str) -> str | None:
+    backend = torch.distributed.get_backend()
+    if ":" not in backend:
+        return backend
+    return dict(item.split(":") for item in backend.split(",")).get(device_type)
+
+
+def check_sparse_grad_support(tables: Iterable[nn.Module]) -> None:
+    """Raise a ValueError where sparse table gradients cannot be all-reduced (NCCL has no sparse all-reduce)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for device_type in {table.weight.device.type for table in tables}:
+        if _backend_for(device_type) == "nccl":
+            raise ValueError(
+                f"Sparse Engram table gradients cannot be all-reduced by the NCCL backend (tables on {device_type}): "
+                "NCCL has no sparse all-reduce. Use the gloo backend, or pass sparse_table_grads=False "
+                "(EngramTrainer, create_engram_optimizer) for dense table gradients: each step then costs "
+                "O(table rows) in backward, all-reduce and optimizer."
+            )
+
+
+def set_sparse_table_grads(model: nn.Module, enabled: bool = True) -> list[EngramTable]:
+    """Make every trainable Engram table of `model` produce sparse (`enabled`) or dense gradients.
+
+    Do this before wrapping the model in DistributedDataParallel (`accelerator.prepare`): DDP decides at
+    construction which parameters get sparse all-reduces. Returns the trainable tables.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "set sparse table gradients (create_engram_optimizer) on the model before wrapping it in "
+            "DistributedDataParallel / accelerator.prepare: DDP decides at construction which parameters "
+            "get sparse all-reduces."
+        )
+    tables = [table for table in engram_tables(model) if table.weight.requires_grad]
+    if enabled:
+        check_sparse_grad_support(tables)
+        register_sparse_grad_norm()
+    for table in tables:
+        table.sparse = enabled
+    return tables
+
+
+class EngramAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose parameters may have sparse COO gradients, updated lazily per row.
+
+    Dense gradients take torch's own functional Adam (`torch.optim.adam.adam`, decoupled weight decay), so dense
+    groups match `torch.optim.AdamW`. A sparse gradient [rows, D] updates only its rows: their moments, then the parameter rows,
+    with bias correction from the parameter's global step count. For a row gathered at every step this equals
+    dense Adam exactly; a row not gathered keeps its value and its moments. Sparse gradients need weight_decay 0.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(
+                f"EngramAdamW: lr={lr}, eps={eps}, weight_decay={weight_decay} must be >= 0 "
+                f"and betas={betas} in [0, 1)."
+            )
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _state(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            dense = []
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    self._sparse_step(param, group)
+                else:
+                    dense.append(param)
+            if dense:
+                self._dense_step(dense, group)
+        return loss
+
+    def _dense_step(self, params: list[torch.Tensor], group: dict) -> None:
+        states = [self._state(param) for param in params]
+        beta1, beta2 = group["betas"]
+        adam(
+            params,
+            [param.grad for param in params],
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [],
+            [state["step"] for state in states],
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    def _sparse_step(self, param: torch.Tensor, group: dict) -> None:
+        if group["weight_decay"]:
+            raise ValueError(
+                f"EngramAdamW: weight_decay={group['weight_decay']} on a parameter with sparse gradients (an Engram "
+                "table); the paper's recipe uses none. Put the tables in a group with weight_decay=0 "
+                "(create_engram_optimizer does)."
+            )
+        grad = param.grad.coalesce()  # duplicate rows (one n-gram read twice) summed
+        rows, values = grad.indices()[0], grad.values()
+        state = self._state(param)
+        state["step"] += 1
+        step = state["step"].item()
+        beta1, beta2 = group["betas"]
+        exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, exp_avg)
+        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        param.index_add_(0, rows, exp_avg / denom, alpha=-group["lr"] / (1 - beta1**step))
+
+
+def engram_parameter_groups(
+    model: nn.Module, lr: float, weight_decay: float, table_lr_multiplier: float = 5.0
+) -> list[dict]:
+    """Parameter groups of the recipe: tables (lr x multiplier, no decay), decayed, and biases/norms (no decay).
+
+    Only parameters that require grad; empty groups are left out. Each group carries its `name`.
+    """
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    table_ids = {id(table.weight) for table in engram_tables(model)}
+    decay_names = set(get_parameter_names(model, [nn.LayerNorm], NO_DECAY_NAME_PATTERNS))
+    tables, decay, no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in table_ids:
+            tables.append(param)
+        elif name in decay_names:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [  # tables last: Trainer logs the first group's learning rate as the run's
+        {"name": DECAY_GROUP, "params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"name": NO_DECAY_GROUP, "params": no_decay, "lr": lr, "weight_decay": 0.0},
+        {"name": TABLE_GROUP, "params": tables, "lr": lr * table_lr_multiplier, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def create_engram_optimizer(
+    model: nn.Module,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    table_lr_multiplier: float = 5.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    sparse_table_grads: bool = True,
+) -> EngramAdamW:
+    """The paper's optimizer: tables with Adam at `lr * table_lr_multiplier` and no weight decay, the rest AdamW.
+
+    With `sparse_table_grads` (default) the trainable tables of `model` are switched to sparse gradients, so a step
+    touches only the gathered rows (see the module docstring); call it before wrapping the model for
+    data-parallel training. Works in a plain loop, with `accelerate`, and with `transformers.Trainer`
+    (`Trainer(..., optimizers=(create_engram_optimizer(model, lr=...), None))`; `EngramTrainer` does it for you).
+
+    Returns one `EngramAdamW` whose param groups are named "decay", "no_decay" and "engram_tables".
+    """
+    if table_lr_multiplier <= 0:
+        raise ValueError(f"table_lr_multiplier={table_lr_multiplier} is invalid; it must be > 0.")
+    set_sparse_table_grads(model, sparse_table_grads)
+    groups = engram_parameter_groups(model, lr, weight_decay, table_lr_multiplier)
+    return EngramAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def table_optimizer_state_bytes(optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[int, int]:
+    """(bytes of optimizer state held for the Engram tables, bytes of the tables themselves)."""
+    tables = [table.weight for table in engram_tables(model)]
+    state = sum(
+        value.numel() * value.element_size()
+        for table in tables
+        for value in optimizer.state.get(table, {}).values()
+        if isinstance(value, torch.Tensor)
+    )
+    return state, sum(table.numel() * table.element_size() for table in tables)
+
+
+class EngramTrainer(Trainer):
+    """`transformers.Trainer` that trains with the paper's recipe (`create_engram_optimizer`) by default.
+
+    Extra arguments: `table_lr_multiplier` (5.0) and `sparse_table_grads` (True). The optimizer's learning rate,
+    weight decay, betas and epsilon come from `TrainingArguments`, and its scheduler drives tables and the rest.
+    Passing `optimizers=` or `optimizer_cls_and_kwargs=`, or an `args.optim` other than torch AdamW, falls back to
+    `Trainer`'s own optimizer (tables then get dense gradients).
+    """
+
+    ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused")
+
+    def __init__(self, *args, table_lr_multiplier: float = 5.0, sparse_table_grads: bool = True, **kwargs):
+        self.table_lr_multiplier = table_lr_multiplier
+        self.sparse_table_grads = sparse_table_grads
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        model = self.model if model is None else model
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
+            optim = getattr(self.args.optim, "value", self.args.optim)
+            if optim in self.ADAMW_NAMES:
+                if self.sparse_table_grads and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+                    raise ValueError(
+                        "EngramTrainer: sparse table gradients do not work under DeepSpeed or FSDP (both flatten "
+                        "parameters into dense shards). Use DDP (torchrun / accelerate launch without FSDP/DeepSpeed), "
+                        "or pass sparse_table_grads=False."
+                    )
+                self.optimizer = create_engram_optimizer(
+                    model,
+                    lr=self.args.learning_rate,
+                    weight_decay=self.args.weight_decay,
+                    table_lr_multiplier=self.table_lr_multiplier,
+                    betas=(self.args.adam_beta1, self.args.adam_beta2),
+                    eps=self.args.adam_epsilon,
+                    sparse_table_grads=self.sparse_table_grads,
+                )
+            else:
+                logger.warning(
+                    f"EngramTrainer: args.optim={optim!r} is not torch AdamW; using Trainer's optimizer, so the tables "
+                    "get dense gradients and no table learning-rate multiplier."
+                )
+        return super().create_optimizer(model)
+
+
+__all__ = [
+    "EngramAdamW",
+    "EngramTrainer",
+    "create_engram_optimizer",
+    "engram_parameter_groups",
+    "engram_tables",
+    "register_sparse_grad_norm",
+    "set_sparse_table_grads",
+    "table_optimizer_state_bytes",
+]
