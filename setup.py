@@ -10,7 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_engram"],
+    # The kernels/ folder installs as `engram_kernels`: the name `kernels` belongs to the Hugging Face library.
+    packages=["modeling_engram", "engram_kernels", "engram_kernels.hash", "engram_kernels.gather", "engram_kernels.gate"],
+    package_dir={"engram_kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
         "transformers>=5.24,<6",

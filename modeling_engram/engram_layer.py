@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache
 
 from .configuration_engram import EngramConfig
+from .kernel_dispatch import load_kernels, use_triton
 from .memory import EngramTable
 
 CONV_STATE = 0  # cache conv-state slot of an Engram layer holding the short-conv inputs
@@ -88,6 +89,7 @@ class EngramLayer(nn.Module):
             config.n_embed_per_ngram // config.n_head_per_ngram,
             storage=config.engram_storage,
             cache_rows=config.engram_cache_rows,
+            kernel=config.engram_kernel,
         )
         self.key_proj = nn.Linear(config.engram_dim, config.hc_mult * config.hidden_size, bias=False)
         self.value_proj = nn.Linear(config.engram_dim, config.hidden_size, bias=False)
@@ -95,6 +97,16 @@ class EngramLayer(nn.Module):
         self.key_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.conv_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.short_conv = EngramShortConv(config, layer_idx)
+        self.kernel = config.engram_kernel
+
+    def gated_values(self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """u_m = alpha_m v for hidden [B, T, hc, D], projected keys [B, T, hc, D], value [B, T, D]: [B, T, hc, D]."""
+        if use_triton(self.kernel, hidden_states, key, value):
+            return load_kernels().fused_gate(
+                hidden_states, key, value, self.query_norm.weight, self.key_norm.weight, self.query_norm.variance_epsilon
+            )
+        gate = signed_sqrt_gate(self.query_norm(hidden_states), self.key_norm(key))
+        return gate * value.unsqueeze(-2)
 
     def forward(
         self,
@@ -107,10 +119,8 @@ class EngramLayer(nn.Module):
         """`rows` [B, T, d_mem]: memory rows fetched ahead (prefetch); gathered here from `hash_ids` otherwise."""
         branches = (self.hc_mult, self.hidden_size)
         rows = (self.table(hash_ids) if rows is None else rows).to(self.key_proj.weight.dtype)
-        key = self.key_norm(self.key_proj(rows).unflatten(-1, branches))
-        query = self.query_norm(hidden_states.unflatten(-1, branches))
-        gate = signed_sqrt_gate(query, key)
-        values = (gate * self.value_proj(rows).unsqueeze(-2)).flatten(-2)
+        key = self.key_proj(rows).unflatten(-1, branches)
+        values = self.gated_values(hidden_states.unflatten(-1, branches), key, self.value_proj(rows)).flatten(-2)
         conv_inputs = self.conv_norm(values.unflatten(-1, branches)).flatten(-2)
         if token_mask is not None:  # padding positions feed zeros to the conv, as positions before the start do
             conv_inputs = conv_inputs * token_mask.unsqueeze(-1).to(conv_inputs.dtype)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .kernel_dispatch import load_kernels, use_triton
+
 # Set by `EngramPreTrainedModel.from_pretrained`: host/disk tables are then read from the checkpoint files by
 # `attach_checkpoint_tables`, never by transformers' loader (which would materialise them whole).
 EXTERNAL_TABLES = contextvars.ContextVar("engram_external_tables", default=False)
@@ -167,8 +169,11 @@ class EngramTable(nn.Module):
     (`model.to("cuda")` moves everything else), and keep their stored dtype.
     """
 
-    def __init__(self, table_sizes: list[int], head_dim: int, storage: str = "device", cache_rows: int = 0):
+    def __init__(
+        self, table_sizes: list[int], head_dim: int, storage: str = "device", cache_rows: int = 0, kernel: str = "auto"
+    ):
         super().__init__()
+        self.kernel = kernel  # engram_kernel preference for the device-table gather
         self.table_sizes = list(table_sizes)
         self.head_dim = head_dim
         self.storage = storage
@@ -251,6 +256,9 @@ class EngramTable(nn.Module):
             return rows
 
     def fetch(self, hash_ids: torch.LongTensor, asynchronous: bool = False) -> RowFetch:
+        if self.storage == "device" and self.cache is None and use_triton(self.kernel, hash_ids, self.weight):
+            rows = load_kernels().gather_rows(self.weight, hash_ids, self.offsets)
+            return RowFetch(rows.unflatten(-1, (len(self.table_sizes), self.head_dim)))
         ids = hash_ids + self.offsets.to(hash_ids.device)
         if self.storage == "device" and self.cache is None:
             return RowFetch(F.embedding(ids, self.weight))
