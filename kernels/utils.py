@@ -10,11 +10,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def runnable_on(*tensors: torch.Tensor) -> bool:
-    """Whether Triton can run on these tensors: all on one CUDA device, or anywhere under TRITON_INTERPRET=1."""
+    """Whether Triton can run on these tensors: all on one CUDA device, or on the CPU under TRITON_INTERPRET=1."""
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         return False
-    return INTERPRETED or next(iter(devices)).type == "cuda"
+    kind = next(iter(devices)).type
+    return kind == "cuda" or (INTERPRETED and kind == "cpu")
 
 
 def check_runnable(name: str, *tensors: torch.Tensor) -> None:

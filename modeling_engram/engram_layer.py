@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache
 
 from .configuration_engram import EngramConfig
-from .kernel_dispatch import load_kernels, use_triton
+from .kernel_dispatch import checked_preference, load_kernels, use_triton
 from .memory import EngramTable
 
 CONV_STATE = 0  # cache conv-state slot of an Engram layer holding the short-conv inputs
@@ -97,7 +97,7 @@ class EngramLayer(nn.Module):
         self.key_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.conv_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.short_conv = EngramShortConv(config, layer_idx)
-        self.kernel = config.engram_kernel
+        self.kernel = checked_preference(config.engram_kernel)
 
     def gated_values(self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """u_m = alpha_m v for hidden [B, T, hc, D], projected keys [B, T, hc, D], value [B, T, D]: [B, T, hc, D]."""

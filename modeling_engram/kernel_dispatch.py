@@ -24,6 +24,13 @@ def load_kernels():
     return engram_kernels
 
 
+def checked_preference(kernel: str) -> str:
+    """`kernel` if it is a valid engram_kernel value (a `from_pretrained` keyword skips the config's validation)."""
+    if kernel not in ENGRAM_KERNELS:
+        raise ValueError(f"engram_kernel={kernel!r} is invalid; it must be one of {ENGRAM_KERNELS}.")
+    return kernel
+
+
 @contextlib.contextmanager
 def force_engram_kernel(kernel: str):
     """Run the block with `kernel` ("triton" / "torch" / "auto") whatever the modules prefer.
@@ -32,9 +39,7 @@ def force_engram_kernel(kernel: str):
     TRITON_INTERPRET=1) raises instead of falling back, so tests cannot pass on the torch path by accident.
     """
     global _forced
-    if kernel not in ENGRAM_KERNELS:
-        raise ValueError(f"engram_kernel={kernel!r} is invalid; it must be one of {ENGRAM_KERNELS}.")
-    previous, _forced = _forced, kernel
+    previous, _forced = _forced, checked_preference(kernel)
     try:
         yield
     finally:
@@ -63,4 +68,4 @@ def use_triton(preference: str, *tensors: torch.Tensor) -> bool:
     return runnable
 
 
-__all__ = ["force_engram_kernel", "load_kernels", "use_triton"]
+__all__ = ["checked_preference", "force_engram_kernel", "load_kernels", "use_triton"]

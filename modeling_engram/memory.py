@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kernel_dispatch import load_kernels, use_triton
+from .kernel_dispatch import checked_preference, load_kernels, use_triton
 
 # Set by `EngramPreTrainedModel.from_pretrained`: host/disk tables are then read from the checkpoint files by
 # `attach_checkpoint_tables`, never by transformers' loader (which would materialise them whole).
@@ -173,7 +173,7 @@ class EngramTable(nn.Module):
         self, table_sizes: list[int], head_dim: int, storage: str = "device", cache_rows: int = 0, kernel: str = "auto"
     ):
         super().__init__()
-        self.kernel = kernel  # engram_kernel preference for the device-table gather
+        self.kernel = checked_preference(kernel)  # engram_kernel preference for the device-table gather
         self.table_sizes = list(table_sizes)
         self.head_dim = head_dim
         self.storage = storage
