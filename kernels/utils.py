@@ -29,7 +29,7 @@ def check_runnable(name: str, *tensors: torch.Tensor) -> None:
 
 def num_warps_for(elements: int) -> int:
     """Warps for a program holding `elements` values per live tensor."""
-    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+    return 4 if elements <= 2048 else 8 if elements <= 4096 else 16
 
 
 def persistent_programs(blocks: int, device: torch.device) -> int:

@@ -50,10 +50,11 @@ def use_triton(preference: str, *tensors: torch.Tensor) -> bool:
     """Whether the Triton kernels run on `tensors`, for a module whose preference is `preference`.
 
     "auto": when all tensors are on CUDA and `engram_kernels` imports; "triton": whenever Triton can run them
-    (CUDA, or the interpreter under TRITON_INTERPRET=1), the torch path otherwise; "torch": never.
+    (CUDA, or the interpreter under TRITON_INTERPRET=1), the torch path otherwise; "torch": never. Code traced by
+    torch.compile always takes the torch path (user Triton kernels inside a compiled graph are not tested).
     """
     choice = _forced or preference
-    if choice == "torch":
+    if choice == "torch" or torch.compiler.is_compiling():  # under torch.compile Inductor fuses the torch path
         return False
     if choice == "auto" and not all(t.is_cuda for t in tensors):
         return False

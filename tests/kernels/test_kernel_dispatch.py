@@ -95,6 +95,18 @@ def test_cached_generation_with_triton_kernels_equals_the_torch_path(kernel_call
     assert torch.equal(sequences["triton"], sequences["torch"])
 
 
+def test_compiled_code_takes_the_torch_path_without_graph_breaks(kernel_calls):
+    hasher = tiny_model(engram_kernel="triton").model.hasher.to(DEVICE)
+    input_ids, attention_mask = batch()
+    compiled = torch.compile(hasher, fullgraph=True, backend="eager")
+    with force_engram_kernel("triton"):
+        expected = hasher(input_ids, attention_mask)
+        assert kernel_calls["ngram_hash"] == 1
+        ours = compiled(input_ids, attention_mask)
+    assert kernel_calls["ngram_hash"] == 1
+    assert all(torch.equal(ours[k], expected[k]) for k in expected)
+
+
 def test_state_dict_is_the_same_whatever_the_kernel():
     states = [tiny_model(engram_kernel=kernel).state_dict() for kernel in ("auto", "triton", "torch")]
     for state in states[1:]:
