@@ -10,31 +10,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import check_runnable, next_power_of_2, num_warps_for, persistent_programs
+from ..utils import check_runnable, next_power_of_2, persistent_programs
 
 
 @triton.jit
-def _load_block(q_ptr, q_stride_t, q_stride_m, k_ptr, k_stride_t, k_stride_m, v_ptr, v_stride_t, t, m, d, M, D, n_tokens):
-    """q, k [BLOCK_T, M_PAD, D_PAD] and v [BLOCK_T, D_PAD] of the tokens `t`, in fp32 (zeros outside)."""
-    t3 = t[:, None, None]
-    m3 = m[None, :, None]
-    d3 = d[None, None, :]
-    mask3 = (t3 < n_tokens) & (m3 < M) & (d3 < D)
-    q = tl.load(q_ptr + t3 * q_stride_t + m3 * q_stride_m + d3, mask=mask3, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + t3 * k_stride_t + m3 * k_stride_m + d3, mask=mask3, other=0.0).to(tl.float32)
-    mask2 = (t[:, None] < n_tokens) & (d[None, :] < D)
-    v = tl.load(v_ptr + t[:, None] * v_stride_t + d[None, :], mask=mask2, other=0.0).to(tl.float32)
-    return q, k, v, mask3, mask2
+def _load_branch(q_ptr, q_stride_t, q_stride_m, k_ptr, k_stride_t, k_stride_m, wq_ptr, wk_ptr, t, m, d, mask, D):
+    """q, k [BLOCK_T, D_PAD] of branch m for the tokens `t` and the branch's norm weights [1, D_PAD], in fp32."""
+    q = tl.load(q_ptr + t[:, None] * q_stride_t + m * q_stride_m + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + t[:, None] * k_stride_t + m * k_stride_m + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    wq = tl.load(wq_ptr + m * D + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+    wk = tl.load(wk_ptr + m * D + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+    return q, k, wq, wk
 
 
 @triton.jit
 def _gate_scores(q, k, wq, wk, D, eps, scale):
-    """Normalised q, k (before their weights), 1/rms of each, the score a and the gate alpha: [BLOCK_T, M_PAD]."""
-    q_rstd = tl.rsqrt(tl.sum(q * q, axis=2) / D + eps)
-    k_rstd = tl.rsqrt(tl.sum(k * k, axis=2) / D + eps)
-    q_hat = q * q_rstd[:, :, None]
-    k_hat = k * k_rstd[:, :, None]
-    score = tl.sum((q_hat * wq) * (k_hat * wk), axis=2) * scale
+    """Normalised q, k (before their weights), 1/rms of each, the score a and the gate alpha: [BLOCK_T]."""
+    q_rstd = tl.rsqrt(tl.sum(q * q, axis=1) / D + eps)
+    k_rstd = tl.rsqrt(tl.sum(k * k, axis=1) / D + eps)
+    q_hat = q * q_rstd[:, None]
+    k_hat = k * k_rstd[:, None]
+    score = tl.sum((q_hat * wq) * (k_hat * wk), axis=1) * scale
     root = tl.sqrt(tl.maximum(tl.abs(score), 1e-6))
     alpha = tl.sigmoid(tl.where(score > 0, root, tl.where(score < 0, -root, 0.0)))
     return q_hat, k_hat, q_rstd, k_rstd, score, root, alpha
@@ -48,22 +44,18 @@ def _gate_fwd_kernel(
     wq_ptr, wk_ptr,  # [M, D] norm weights
     out_ptr,  # [n_tokens, M, D]
     n_tokens, M, D, eps, scale,
-    BLOCK_T: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    m = tl.arange(0, M_PAD)
     d = tl.arange(0, D_PAD)
-    q, k, v, mask3, _ = _load_block(
-        q_ptr, q_stride_t, q_stride_m, k_ptr, k_stride_t, k_stride_m, v_ptr, v_stride_t, t, m, d, M, D, n_tokens
-    )
-    w_off = m[:, None] * D + d[None, :]
-    w_mask = (m[:, None] < M) & (d[None, :] < D)
-    wq = tl.load(wq_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)[None, :, :]
-    wk = tl.load(wk_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)[None, :, :]
-    _, _, _, _, _, _, alpha = _gate_scores(q, k, wq, wk, D, eps, scale)
-    out = alpha[:, :, None] * v[:, None, :]
-    out_off = t[:, None, None] * (M * D) + m[None, :, None] * D + d[None, None, :]
-    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask3)
+    mask = (t < n_tokens)[:, None] & (d < D)[None, :]
+    v = tl.load(v_ptr + t[:, None] * v_stride_t + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    for m in range(M):  # one branch at a time: [BLOCK_T, D_PAD] tiles keep the registers low for large D
+        q, k, wq, wk = _load_branch(q_ptr, q_stride_t, q_stride_m, k_ptr, k_stride_t, k_stride_m, wq_ptr, wk_ptr,
+                                    t, m, d, mask, D)
+        _, _, _, _, _, _, alpha = _gate_scores(q, k, wq, wk, D, eps, scale)
+        out = alpha[:, None] * v
+        tl.store(out_ptr + (t[:, None] * M + m) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -75,80 +67,75 @@ def _gate_bwd_kernel(
     grad_ptr,  # [n_tokens, M, D] gradient of the output, contiguous
     dq_ptr, dk_ptr,  # [n_tokens, M, D]
     dv_ptr,  # [n_tokens, D]
-    dwq_ptr, dwk_ptr,  # [programs, M, D] fp32 partial sums of the norm-weight gradients
+    dwq_ptr, dwk_ptr,  # [programs, M, D] fp32 partial sums of the norm-weight gradients, zero-initialised
     n_tokens, M, D, eps, scale,
-    BLOCK_T: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    m = tl.arange(0, M_PAD)
     d = tl.arange(0, D_PAD)
-    w_off = m[:, None] * D + d[None, :]
-    w_mask = (m[:, None] < M) & (d[None, :] < D)
-    wq = tl.load(wq_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)[None, :, :]
-    wk = tl.load(wk_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)[None, :, :]
-    dwq = tl.zeros([M_PAD, D_PAD], dtype=tl.float32)
-    dwk = tl.zeros([M_PAD, D_PAD], dtype=tl.float32)
-    for block in range(pid, tl.cdiv(n_tokens, BLOCK_T), programs):
-        t = (block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # block * BLOCK_T < n_tokens + BLOCK_T: no overflow
-        q, k, v, mask3, mask2 = _load_block(
-            q_ptr, q_stride_t, q_stride_m, k_ptr, k_stride_t, k_stride_m, v_ptr, v_stride_t, t, m, d, M, D, n_tokens
-        )
-        q_hat, k_hat, q_rstd, k_rstd, score, root, alpha = _gate_scores(q, k, wq, wk, D, eps, scale)
-        out_off = t[:, None, None] * (M * D) + m[None, :, None] * D + d[None, None, :]
-        grad = tl.load(grad_ptr + out_off, mask=mask3, other=0.0).to(tl.float32)
+    for block in range(pid, tl.cdiv(n_tokens, BLOCK_T), tl.num_programs(0)):
+        t = (block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # block * BLOCK_T < n_tokens + BLOCK_T
+        mask = (t < n_tokens)[:, None] & (d < D)[None, :]
+        v = tl.load(v_ptr + t[:, None] * v_stride_t + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        dv = tl.zeros([BLOCK_T, D_PAD], dtype=tl.float32)
+        for m in range(M):
+            q, k, wq, wk = _load_branch(q_ptr, q_stride_t, q_stride_m, k_ptr, k_stride_t, k_stride_m, wq_ptr, wk_ptr,
+                                        t, m, d, mask, D)
+            q_hat, k_hat, q_rstd, k_rstd, score, root, alpha = _gate_scores(q, k, wq, wk, D, eps, scale)
+            offsets = (t[:, None] * M + m) * D + d[None, :]
+            grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
-        dv = tl.sum(grad * alpha[:, :, None], axis=1)
-        d_alpha = tl.sum(grad * v[:, None, :], axis=2)
-        # d sqrt(max(|a|, 1e-6)) sign(a) / da = 1 / (2 sqrt|a|) where |a| >= 1e-6, else 0 (as torch's clamp_min)
-        d_score = tl.where(tl.abs(score) >= 1e-6, d_alpha * alpha * (1.0 - alpha) * 0.5 / root, 0.0) * scale
-        d_qn = d_score[:, :, None] * (k_hat * wk)  # gradient of the weighted, normalised query
-        d_kn = d_score[:, :, None] * (q_hat * wq)
-        dwq += tl.sum(d_qn * q_hat, axis=0)
-        dwk += tl.sum(d_kn * k_hat, axis=0)
-        d_qhat = d_qn * wq
-        d_khat = d_kn * wk
-        dq = q_rstd[:, :, None] * (d_qhat - q_hat * (tl.sum(d_qhat * q_hat, axis=2) / D)[:, :, None])
-        dk = k_rstd[:, :, None] * (d_khat - k_hat * (tl.sum(d_khat * k_hat, axis=2) / D)[:, :, None])
-        tl.store(dq_ptr + out_off, dq.to(dq_ptr.dtype.element_ty), mask=mask3)
-        tl.store(dk_ptr + out_off, dk.to(dk_ptr.dtype.element_ty), mask=mask3)
-        tl.store(dv_ptr + t[:, None] * D + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask2)
-    partial = pid.to(tl.int64) * M * D + w_off
-    tl.store(dwq_ptr + partial, dwq, mask=w_mask)
-    tl.store(dwk_ptr + partial, dwk, mask=w_mask)
+            dv += grad * alpha[:, None]
+            d_alpha = tl.sum(grad * v, axis=1)
+            # d sqrt(max(|a|, 1e-6)) sign(a) / da = 1 / (2 sqrt|a|) where |a| >= 1e-6, else 0 (as torch's clamp_min)
+            d_score = tl.where(tl.abs(score) >= 1e-6, d_alpha * alpha * (1.0 - alpha) * 0.5 / root, 0.0) * scale
+            d_qn = d_score[:, None] * (k_hat * wk)  # gradient of the weighted, normalised query
+            d_kn = d_score[:, None] * (q_hat * wq)
+            # This program's own partial row: read-modify-write in program order, no atomics (deterministic).
+            partial = (pid.to(tl.int64) * M + m) * D + d
+            tl.store(dwq_ptr + partial, tl.load(dwq_ptr + partial, mask=d < D) + tl.sum(d_qn * q_hat, axis=0), mask=d < D)
+            tl.store(dwk_ptr + partial, tl.load(dwk_ptr + partial, mask=d < D) + tl.sum(d_kn * k_hat, axis=0), mask=d < D)
+            d_qhat = d_qn * wq
+            d_khat = d_kn * wk
+            dq = q_rstd[:, None] * (d_qhat - q_hat * (tl.sum(d_qhat * q_hat, axis=1) / D)[:, None])
+            dk = k_rstd[:, None] * (d_khat - k_hat * (tl.sum(d_khat * k_hat, axis=1) / D)[:, None])
+            tl.store(dq_ptr + offsets, dq.to(dq_ptr.dtype.element_ty), mask=mask)
+            tl.store(dk_ptr + offsets, dk.to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + t[:, None] * D + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-def _gate_blocks(branches: int, dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, M_PAD, D_PAD, num_warps): up to 4096 values per [BLOCK_T, M_PAD, D_PAD] block."""
-    m_pad, d_pad = next_power_of_2(branches), next_power_of_2(dim)
-    block_t = max(1, min(16, 4096 // (m_pad * d_pad)))
-    return block_t, m_pad, d_pad, num_warps_for(block_t * m_pad * d_pad)
+def _gate_blocks(dim: int) -> tuple[int, int, int]:
+    """(BLOCK_T, D_PAD, num_warps): [BLOCK_T, D_PAD] tiles of about 2048 values, about 8 per thread."""
+    d_pad = next_power_of_2(dim)
+    block_t = max(1, min(16, 2048 // d_pad))
+    return block_t, d_pad, max(4, min(16, block_t * d_pad // 256))
 
 
 def _launch_gate_forward(query, key, value, query_weight, key_weight, eps):
     n_tokens, branches, dim = query.shape
     out = torch.empty(n_tokens, branches, dim, dtype=value.dtype, device=value.device)
-    block_t, m_pad, d_pad, warps = _gate_blocks(branches, dim)
+    block_t, d_pad, warps = _gate_blocks(dim)
     _gate_fwd_kernel[(triton.cdiv(n_tokens, block_t),)](
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1), value, value.stride(0),
         query_weight, key_weight, out, n_tokens, branches, dim, eps, 1.0 / math.sqrt(dim),
-        BLOCK_T=block_t, M_PAD=m_pad, D_PAD=d_pad, num_warps=warps,
+        BLOCK_T=block_t, D_PAD=d_pad, num_warps=warps,
     )
     return out
 
 
 def _launch_gate_backward(grad, query, key, value, query_weight, key_weight, eps):
     n_tokens, branches, dim = query.shape
-    block_t, m_pad, d_pad, warps = _gate_blocks(branches, dim)
+    block_t, d_pad, warps = _gate_blocks(dim)
     programs = persistent_programs(triton.cdiv(n_tokens, block_t), query.device)
-    dq, dk = torch.empty_like(query, memory_format=torch.contiguous_format), torch.empty_like(key, memory_format=torch.contiguous_format)
+    dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    dk = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     dv = torch.empty(n_tokens, dim, dtype=value.dtype, device=value.device)
-    dwq = torch.empty(programs, branches, dim, dtype=torch.float32, device=query.device)
-    dwk = torch.empty_like(dwq)
+    dwq = torch.zeros(programs, branches, dim, dtype=torch.float32, device=query.device)
+    dwk = torch.zeros_like(dwq)
     _gate_bwd_kernel[(programs,)](
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1), value, value.stride(0),
         query_weight, key_weight, grad, dq, dk, dv, dwq, dwk, n_tokens, branches, dim, eps, 1.0 / math.sqrt(dim),
-        BLOCK_T=block_t, M_PAD=m_pad, D_PAD=d_pad, num_warps=warps,
+        BLOCK_T=block_t, D_PAD=d_pad, num_warps=warps,
     )
     return dq, dk, dv, dwq.sum(0).to(query_weight.dtype), dwk.sum(0).to(key_weight.dtype)
 

@@ -23,9 +23,16 @@ KERNELS = ("ngram_hash", "gather_rows", "fused_gate")
 def kernel_calls(monkeypatch):
     """Counts calls of each public kernel function, as the dispatch reaches them."""
     calls = collections.Counter()
+
+    def spy(name, original):
+        def counted(*args, **kwargs):
+            mode = [f"ngram_hash compressed={kwargs.get('compressed', False)}"] if name == "ngram_hash" else []
+            calls.update([name, *mode])
+            return original(*args, **kwargs)
+        return counted
+
     for name in KERNELS:
-        original = getattr(engram_kernels, name)
-        monkeypatch.setattr(engram_kernels, name, lambda *a, _f=original, _n=name, **k: calls.update([_n]) or _f(*a, **k))
+        monkeypatch.setattr(engram_kernels, name, spy(name, getattr(engram_kernels, name)))
     return calls
 
 
@@ -64,19 +71,21 @@ def test_dispatch_rules(monkeypatch):
         force_engram_kernel("fast").__enter__()
 
 
-@pytest.mark.parametrize("hc_mult", [1, 4], ids=lambda m: f"hc{m}")
-def test_model_with_triton_kernels_gives_the_torch_logits_and_gradients(hc_mult, kernel_calls):
+@pytest.mark.parametrize(("hc_mult", "use_cache"), [(1, False), (4, True)], ids=["hc1-no-cache", "hc4-cache"])
+def test_model_with_triton_kernels_gives_the_torch_logits_and_gradients(hc_mult, use_cache, kernel_calls):
     model = tiny_model(hc_mult=hc_mult, engram_kernel="triton").to(DEVICE)
     input_ids, attention_mask = batch()
     results = {}
     for kernel in ("torch", "config"):  # "config": the modules' own preference, engram_kernel="triton"
         model.zero_grad()
         with force_engram_kernel("torch") if kernel == "torch" else contextlib.nullcontext():
-            output = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+            output = model(input_ids, attention_mask=attention_mask, labels=input_ids, use_cache=use_cache)
         output.loss.backward()
         results[kernel] = output.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    # One hash launch per forward; a gather and a gate per Engram layer.
-    assert kernel_calls == {"ngram_hash": 1, "gather_rows": 2, "fused_gate": 2}
+    # One hash launch per forward (raw ids through the token map without a cache; the cache's compressed history
+    # with one); a gather and a gate per Engram layer.
+    mode = f"ngram_hash compressed={use_cache}"
+    assert kernel_calls == {"ngram_hash": 1, mode: 1, "gather_rows": 2, "fused_gate": 2}
     torch.testing.assert_close(results["config"][0], results["torch"][0], rtol=0, atol=1e-5)
     for name, grad in results["torch"][1].items():
         error = (results["config"][1][name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
