@@ -93,8 +93,10 @@ def _gate_bwd_kernel(
             d_kn = d_score[:, None] * (q_hat * wq)
             # This program's own partial row: read-modify-write in program order, no atomics (deterministic).
             partial = (pid.to(tl.int64) * M + m) * D + d
-            tl.store(dwq_ptr + partial, tl.load(dwq_ptr + partial, mask=d < D) + tl.sum(d_qn * q_hat, axis=0), mask=d < D)
-            tl.store(dwk_ptr + partial, tl.load(dwk_ptr + partial, mask=d < D) + tl.sum(d_kn * k_hat, axis=0), mask=d < D)
+            dwq = tl.load(dwq_ptr + partial, mask=d < D) + tl.sum(d_qn * q_hat, axis=0)
+            dwk = tl.load(dwk_ptr + partial, mask=d < D) + tl.sum(d_kn * k_hat, axis=0)
+            tl.store(dwq_ptr + partial, dwq, mask=d < D)
+            tl.store(dwk_ptr + partial, dwk, mask=d < D)
             d_qhat = d_qn * wq
             d_khat = d_kn * wk
             dq = q_rstd[:, None] * (d_qhat - q_hat * (tl.sum(d_qhat * q_hat, axis=1) / D)[:, None])
@@ -189,7 +191,8 @@ def fused_gate(
         )
     if query_weight.shape != (branches, dim) or key_weight.shape != (branches, dim):
         raise ValueError(
-            f"fused_gate: norm weights {tuple(query_weight.shape)}, {tuple(key_weight.shape)} must be [M={branches}, D={dim}]"
+            f"fused_gate: norm weights {tuple(query_weight.shape)}, {tuple(key_weight.shape)} must be "
+            f"[M={branches}, D={dim}]"
         )
     check_runnable("fused_gate", query, key, value, query_weight, key_weight)
     out = FusedGate.apply(

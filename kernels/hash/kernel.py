@@ -144,7 +144,9 @@ def ngram_hash(
     if token_mask is not None and token_mask.shape != ids.shape:
         raise ValueError(f"ngram_hash: token_mask has shape {tuple(token_mask.shape)}, ids {tuple(ids.shape)}")
     if offsets is not None and offsets.shape != table_sizes.shape:
-        raise ValueError(f"ngram_hash: offsets has shape {tuple(offsets.shape)}, table_sizes {tuple(table_sizes.shape)}")
+        raise ValueError(
+            f"ngram_hash: offsets has shape {tuple(offsets.shape)}, table_sizes {tuple(table_sizes.shape)}"
+        )
     if token_mask is not None and token_mask.dtype == torch.bool:
         token_mask = token_mask.to(torch.int8)
     tensors = [t for t in (ids, token_map, multipliers, table_sizes, history, token_mask, offsets) if t is not None]

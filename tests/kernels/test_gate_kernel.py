@@ -103,8 +103,10 @@ def test_bad_shapes_are_named():
 
 
 MUTATIONS = {
-    "forward-without-1/sqrt(d)": ("1.0 / math.sqrt(dim),\n        BLOCK_T=block_t, D_PAD=d_pad, num_warps=warps,\n    )\n    return out",
-                                  "1.0,\n        BLOCK_T=block_t, D_PAD=d_pad, num_warps=warps,\n    )\n    return out"),
+    "forward-without-1/sqrt(d)": (
+        "1.0 / math.sqrt(dim),\n        BLOCK_T=block_t, D_PAD=d_pad, num_warps=warps,\n    )\n    return out",
+        "1.0,\n        BLOCK_T=block_t, D_PAD=d_pad, num_warps=warps,\n    )\n    return out",
+    ),
     "backward-drops-the-rms-projection": (
         "dq = q_rstd[:, None] * (d_qhat - q_hat * (tl.sum(d_qhat * q_hat, axis=1) / D)[:, None])",
         "dq = q_rstd[:, None] * d_qhat",
@@ -112,8 +114,8 @@ MUTATIONS = {
     "backward-wrong-sqrt-derivative": ("* 0.5 / root", "* 0.5 * root"),
     "backward-dv-keeps-the-last-branch": ("dv += grad * alpha[:, None]", "dv = grad * alpha[:, None]"),
     "backward-overwrites-the-weight-partials": (
-        "tl.store(dwq_ptr + partial, tl.load(dwq_ptr + partial, mask=d < D) + tl.sum(d_qn * q_hat, axis=0), mask=d < D)",
-        "tl.store(dwq_ptr + partial, tl.sum(d_qn * q_hat, axis=0), mask=d < D)",
+        "dwq = tl.load(dwq_ptr + partial, mask=d < D) + tl.sum(d_qn * q_hat, axis=0)",
+        "dwq = tl.sum(d_qn * q_hat, axis=0)",
     ),
 }
 

@@ -62,8 +62,8 @@ def test_deterministic_gradients_are_bit_identical_run_to_run_and_sum_in_positio
     # The same fp32 additions in the same order give the same bits: the summation order is fixed, not scheduled.
     assert torch.equal(runs[0], gather.row_gradients_in_order(grad_rows, hash_ids, offsets)[1])
     weight.requires_grad_()
-    grads = [torch.autograd.grad(gather.gather_rows(weight, hash_ids, offsets, deterministic=True), weight, grad_rows)[0]
-             for _ in range(2)]
+    rows = [gather.gather_rows(weight, hash_ids, offsets, deterministic=True) for _ in range(2)]
+    grads = [torch.autograd.grad(r, weight, grad_rows)[0] for r in rows]
     assert torch.equal(grads[0], grads[1])
 
 

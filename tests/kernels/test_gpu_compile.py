@@ -43,19 +43,29 @@ def compile_variant(fn, pointers, constexprs, num_warps, target):
     return triton.compile(source, target=target, options={"num_warps": num_warps})
 
 
-variants = []
-for ids, table in (("i64", "i64"), ("i32", "i32")):
+HASH_FLAGS = ("MAP_IDS", "HAS_HISTORY", "HAS_MASK", "HAS_OFFSETS")
+variants = []  # (kernel, pointer dtypes ("*": the default), constexprs, num_warps), as the launchers pick them
+for ids in ("i64", "i32"):
     for flags in ((True, False, True, False), (False, True, False, False), (True, True, True, True)):
-        variants.append((hashing._ngram_hash_kernel, {"*": "i64", "ids_ptr": ids, "token_map_ptr": table, "mask_ptr": "i8"},
-                         dict(N=3, HEADS=8, K_PAD=16, BLOCK_T=64, **dict(zip(("MAP_IDS", "HAS_HISTORY", "HAS_MASK", "HAS_OFFSETS"), flags))), 4))
+        pointers = {"*": "i64", "ids_ptr": ids, "token_map_ptr": ids, "mask_ptr": "i8"}
+        constexprs = dict(N=3, HEADS=8, K_PAD=16, BLOCK_T=64, **dict(zip(HASH_FLAGS, flags)))
+        variants.append((hashing._ngram_hash_kernel, pointers, constexprs, 4))
+block_p, block_d = gather._blocks(80)  # the paper's head dim
+warps = kernels.utils.num_warps_for(block_p * block_d)
 for dtype in ("fp32", "bf16"):
-    variants.append((gather._gather_rows_kernel, {"*": "i64", "weight_ptr": dtype, "out_ptr": dtype}, dict(BLOCK_P=32, BLOCK_D=128), 8))
-    variants.append((gather._row_grads_atomic_kernel, {"*": "i64", "grad_ptr": dtype, "out_ptr": "fp32"}, dict(BLOCK_P=32, BLOCK_D=128), 8))
-    variants.append((gather._row_grads_ordered_kernel, {"*": "i64", "grad_ptr": dtype, "out_ptr": "fp32"}, dict(BLOCK_D=128, CHUNK=8), 4))
+    variants += [
+        (gather._gather_rows_kernel, {"*": "i64", "weight_ptr": dtype, "out_ptr": dtype},
+         dict(BLOCK_P=block_p, BLOCK_D=block_d), warps),
+        (gather._row_grads_atomic_kernel, {"*": "i64", "grad_ptr": dtype, "out_ptr": "fp32"},
+         dict(BLOCK_P=block_p, BLOCK_D=block_d), warps),
+        (gather._row_grads_ordered_kernel, {"*": "i64", "grad_ptr": dtype, "out_ptr": "fp32"},
+         dict(BLOCK_D=block_d, CHUNK=8), 4),
+    ]
     for dim in (48, 2048):
-        block_t, d_pad, warps = gate._gate_blocks(dim)
+        block_t, d_pad, gate_warps = gate._gate_blocks(dim)
         for fn in (gate._gate_fwd_kernel, gate._gate_bwd_kernel):
-            variants.append((fn, {"*": dtype, "dwq_ptr": "fp32", "dwk_ptr": "fp32"}, dict(BLOCK_T=block_t, D_PAD=d_pad), warps))
+            pointers = {"*": dtype, "dwq_ptr": "fp32", "dwk_ptr": "fp32"}
+            variants.append((fn, pointers, dict(BLOCK_T=block_t, D_PAD=d_pad), gate_warps))
 
 compiled = []
 for capability in (90, 80):

@@ -16,9 +16,10 @@ ngram_hash_reference = engram_kernels.hash.ngram_hash_reference
 
 
 def hash_case(length: int, batch: int = 2, seed: int = 0, vocab: int = 1000, compressed_vocab: int = 613):
-    """Random ids, a surjective token map, multipliers at the config's bound, prime-ish sizes: 3 layers, N=4, 3 heads."""
+    """Random ids, a surjective token map, multipliers up to the config's bound, prime sizes; 3 layers, N=4, 3 heads."""
     generator = torch.Generator().manual_seed(seed)
-    token_map = torch.cat([torch.arange(compressed_vocab), torch.randint(0, compressed_vocab, (vocab - compressed_vocab,), generator=generator)])
+    merged = torch.randint(0, compressed_vocab, (vocab - compressed_vocab,), generator=generator)
+    token_map = torch.cat([torch.arange(compressed_vocab), merged])
     token_map = token_map[torch.randperm(vocab, generator=generator)]
     bound = INT64_MAX // compressed_vocab
     multipliers = torch.randint(0, bound // 2, (3, 4), generator=generator) * 2 + 1
@@ -29,7 +30,8 @@ def hash_case(length: int, batch: int = 2, seed: int = 0, vocab: int = 1000, com
     ids[0, -1] = int((token_map == compressed_vocab - 1).nonzero()[0])  # the largest compressed id
     mask = torch.rand(batch, length, generator=generator) > 0.3
     history = torch.randint(0, compressed_vocab, (batch, 3), generator=generator)
-    return dict(ids=ids, token_map=token_map, multipliers=multipliers, table_sizes=table_sizes, mask=mask, history=history)
+    return dict(ids=ids, token_map=token_map, multipliers=multipliers, table_sizes=table_sizes, mask=mask,
+                history=history)
 
 
 def to_device(case):

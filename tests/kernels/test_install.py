@@ -19,7 +19,7 @@ from engram_kernels.hash import ngram_hash, ngram_hash_reference
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 ids = torch.randint(0, 50, (2, 7), device=device)
-args = (torch.arange(50, device=device), torch.tensor([[3, 5, 7]], device=device), torch.tensor([[11, 13]], device=device))
+args = [torch.tensor(x, device=device) for x in (list(range(50)), [[3, 5, 7]], [[11, 13]])]
 spec = importlib.util.find_spec("kernels")
 print(json.dumps({
     "file": os.path.realpath(engram_kernels.__file__),
@@ -70,7 +70,8 @@ def check(result, kernels_folder):
     assert result["file"] == os.path.realpath(os.path.join(kernels_folder, "__init__.py"))
     assert result["ops"] == ["gate", "gather", "hash"] and result["hash_ok"]
     # `import kernels` is not ours: the name belongs to the Hugging Face kernels library (absent or its own).
-    assert result["kernels"] is None or not result["kernels"].startswith(os.path.realpath(os.path.dirname(kernels_folder)))
+    ours = os.path.realpath(os.path.dirname(kernels_folder))
+    assert result["kernels"] is None or not result["kernels"].startswith(ours)
 
 
 def test_regular_install_exposes_engram_kernels(tmp_path):
@@ -84,5 +85,6 @@ def test_regular_install_exposes_engram_kernels(tmp_path):
 def test_editable_install_exposes_engram_kernels(tmp_path):
     source = source_copy(tmp_path)
     pip_install("--prefix", str(tmp_path / "prefix"), "-e", ".", cwd=source)
-    purelib = sysconfig.get_path("purelib", vars={"base": str(tmp_path / "prefix"), "platbase": str(tmp_path / "prefix")})
+    prefix = str(tmp_path / "prefix")
+    purelib = sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix})
     check(import_check(purelib, tmp_path), source / "kernels")

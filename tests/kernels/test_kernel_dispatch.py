@@ -1,4 +1,4 @@
-"""The model with engram_kernel="triton" (Triton's interpreter on the CPU) against its torch path; the dispatch rules."""
+"""The model with engram_kernel="triton" (on the CPU: Triton's interpreter) against its torch path; dispatch rules."""
 
 import collections
 import contextlib
@@ -45,7 +45,8 @@ def batch(length=23, seed=0):
 
 
 def test_invalid_engram_kernel_is_named():
-    with pytest.raises(ValueError, match=r"engram_kernel='cuda' is invalid; it must be one of \('auto', 'triton', 'torch'\)"):
+    allowed = r"engram_kernel='cuda' is invalid; it must be one of \('auto', 'triton', 'torch'\)"
+    with pytest.raises(ValueError, match=allowed):
         EngramConfig(engram_kernel="cuda")
 
 
