@@ -146,7 +146,8 @@ class GatherRows(torch.autograd.Function):
                 unique[None], row_grads, ctx.weight_shape, is_coalesced=True, check_invariants=False
             )
         else:
-            grad_weight = row_grads.new_zeros(ctx.weight_shape).index_copy_(0, unique, row_grads)
+            # index_put_, not index_copy_: CUDA index_copy_ refuses torch.use_deterministic_algorithms(True)
+            grad_weight = row_grads.new_zeros(ctx.weight_shape).index_put_((unique,), row_grads)
         return grad_weight, None, None, None, None
 
 

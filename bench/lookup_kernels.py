@@ -1,13 +1,14 @@
 """Torch path vs Triton kernels for the Engram lookup path: hash, gather (fwd+bwd), gate (fwd+bwd).
 
-    python bench/kernels.py               # on a GPU: realistic sizes, speedups and the forward share
-    python bench/kernels.py --small       # small sizes (what a CPU run uses)
+    python bench/lookup_kernels.py            # on a GPU: realistic sizes, speedups and the forward share
+    python bench/lookup_kernels.py --small    # small sizes (what a CPU run uses)
 
 On a GPU (sizes of the paper: B x T = 8 x 4096, d_mem 1280 = 2 orders x 8 heads x 80, hc_mult 4, a ~1B-parameter
 backbone with Engram at two layers, bf16) it prints markdown tables of times, speedups, the Triton hash against
 the numpy reference, and the share of a full forward spent in hash + gather. On a CPU the kernels only run in
 Triton's interpreter (TRITON_INTERPRET=1, set here), so it checks correctness at small sizes and times nothing.
-Results are recorded by hand in docs/benchmarks.md.
+Results are recorded by hand in docs/benchmarks.md. (Not named bench/kernels.py: run from bench/, that file would
+shadow the Hugging Face `kernels` library, which transformers probes with `import kernels`, for every script there.)
 """
 
 import argparse
@@ -17,11 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-# This file's folder comes first on sys.path, and transformers probes for the Hugging Face `kernels` library with
-# `import kernels`, which would find this very file: take the folder off the path before importing anything.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is decorated
