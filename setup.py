@@ -13,6 +13,7 @@ setup(
     # The kernels/ folder installs as `engram_kernels`: the name `kernels` belongs to the Hugging Face library.
     packages=["modeling_engram", "engram_kernels", "engram_kernels.hash", "engram_kernels.gather", "engram_kernels.gate"],
     package_dir={"engram_kernels": "kernels"},
+    package_data={"modeling_engram": ["model_card_template.md"]},  # the model card's one source, read by hub.py
     install_requires=[
         "torch>=2.6",
         "transformers>=5.24,<6",
@@ -21,6 +22,8 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "accelerate>=1.10",
+        "huggingface_hub>=1.0",
+        "jinja2>=3.1",
     ],
     extras_require={
         "triton": ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],

@@ -93,13 +93,13 @@ def lookup_ops(model, input_ids):
     layer = inner.layers[model.config.engram_layer_ids[0]].engram
     hash_ids = hasher(input_ids)[layer.layer_idx]
     branches = (model.config.hc_mult, model.config.hidden_size)
-    dtype = layer.key_proj.weight.dtype
+    dtype = layer.kv_proj.key_weight.dtype
     generator = torch.Generator(device=input_ids.device).manual_seed(0)
     hidden = torch.randn(*input_ids.shape, *branches, device=input_ids.device, dtype=dtype, generator=generator)
     hidden.requires_grad_()
     rows = layer.table(hash_ids).detach().to(dtype)
-    key = layer.key_proj(rows).unflatten(-1, branches).detach().requires_grad_()
-    value = layer.value_proj(rows).detach().requires_grad_()
+    value, keys = (t.detach().requires_grad_() for t in layer.kv_proj(rows))
+    key = keys.unflatten(-1, branches)  # a strided view into the fused projection, as in the model
     grad_rows = torch.randn_like(layer.table(hash_ids))
     grad_values = torch.randn_like(hidden)
 
@@ -118,9 +118,9 @@ def lookup_ops(model, input_ids):
         return layer.table.weight.grad
 
     def gate_fwd_bwd():
-        hidden.grad = key.grad = value.grad = None
+        hidden.grad = keys.grad = value.grad = None
         layer.gated_values(hidden, key, value).backward(grad_values)
-        return hidden.grad, key.grad, value.grad
+        return hidden.grad, keys.grad, value.grad
 
     return {
         "hash (all layers)": (with_kernel("torch", hash_all), with_kernel("triton", hash_all)),

@@ -1,13 +1,16 @@
 """modeling_engram: DeepSeek's Engram conditional memory as a Hugging Face Transformers model family.
 
 Importing this package registers `EngramConfig` (model_type "engram"), `EngramModel` and `EngramForCausalLM`
-with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`.
+with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, and marks them for code export: `save_pretrained` writes
+an `auto_map` and copies the model code, so the folder loads with `trust_remote_code=True` where this package is not
+installed.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_engram import EngramConfig
 from .hashing import EngramHasher
+from .hub import exported_code_files, model_card, push_to_hub
 from .modeling_engram import EngramForCausalLM, EngramModel, EngramPreTrainedModel
 from .placement import engram_device_map
 from .token_map import build_token_map
@@ -15,6 +18,9 @@ from .token_map import build_token_map
 AutoConfig.register(EngramConfig.model_type, EngramConfig, exist_ok=True)
 AutoModel.register(EngramConfig, EngramModel, exist_ok=True)
 AutoModelForCausalLM.register(EngramConfig, EngramForCausalLM, exist_ok=True)
+EngramConfig.register_for_auto_class("AutoConfig")
+EngramModel.register_for_auto_class("AutoModel")
+EngramForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __version__ = "0.1.0"
 
@@ -26,4 +32,7 @@ __all__ = [
     "EngramPreTrainedModel",
     "build_token_map",
     "engram_device_map",
+    "exported_code_files",
+    "model_card",
+    "push_to_hub",
 ]

@@ -224,8 +224,8 @@ class EngramTable(nn.Module):
         """Rows of the unique ids, copied to the ids' device (a CUDA side stream when that is a GPU)."""
         device = unique.device
         rows = self._gather_rows(unique.to(self.weight.device))
-        if device.type != "cuda" or rows.device == device:
-            return rows.to(device)
+        if device.type != "cuda" or rows.device == device or rows.requires_grad:
+            return rows.to(device)  # a trainable host table copies synchronously, so autograd sees the copy
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device)
         with torch.cuda.stream(self._copy_stream):

@@ -13,6 +13,8 @@ import re
 import torch
 from transformers import PreTrainedConfig
 
+from .memory import EXTERNAL_TABLES
+
 _TABLE = re.compile(r"^(?:model\.)?layers\.(\d+)\.engram\.table$")
 _STORAGE_OF = {"cpu": "host", "disk": "disk"}
 
@@ -23,18 +25,20 @@ def _bytes(value) -> int:
     return value if isinstance(value, int) else convert_file_size_to_int(value)
 
 
-def _meta_model(model_or_config):
-    if isinstance(model_or_config, PreTrainedConfig):
-        from .memory import EXTERNAL_TABLES
-        from .modeling_engram import EngramForCausalLM
+def _meta_model(model_or_config, model_class=None):
+    """The model itself, or one built on the meta device from a config (no memory)."""
+    if not isinstance(model_or_config, PreTrainedConfig):
+        return model_or_config
+    token = EXTERNAL_TABLES.set(False)
+    try:
+        with torch.device("meta"):
+            if model_class is not None:
+                return model_class(model_or_config)
+            from transformers import AutoModelForCausalLM
 
-        token = EXTERNAL_TABLES.set(False)
-        try:
-            with torch.device("meta"):
-                return EngramForCausalLM(model_or_config)
-        finally:
-            EXTERNAL_TABLES.reset(token)
-    return model_or_config
+            return AutoModelForCausalLM.from_config(model_or_config)
+    finally:
+        EXTERNAL_TABLES.reset(token)
 
 
 def _block_of(name: str) -> str:
@@ -53,6 +57,7 @@ def engram_device_map(
     tables: str | int | torch.device = "auto",
     device: str | int | torch.device | None = None,
     max_memory: dict | None = None,
+    model_class=None,
 ) -> dict[str, str | int]:
     """An explicit device map: backbone blocks on `device` (spilling in order to "cpu", then "disk", only when
     `max_memory` says they do not fit), and every Engram table at `tables`.
@@ -63,10 +68,11 @@ def engram_device_map(
             everything fits there, else "cpu" if the tables fit in the CPU budget, else "disk".
         device: execution device of the backbone (default: "cuda:0" when available, else "cpu").
         max_memory: per-device budgets as for `from_pretrained`, e.g. `{0: "20GiB", "cpu": "64GiB"}`.
+        model_class: the class to size from a config (default: what `AutoModelForCausalLM` maps it to).
     """
     if device is None:
         device = 0 if torch.cuda.is_available() else "cpu"
-    model = _meta_model(model_or_config)
+    model = _meta_model(model_or_config, model_class)
     budgets = {key: _bytes(value) for key, value in (max_memory or {}).items()}
     sizes: dict[str, int] = {}
     table_sizes: dict[str, int] = {}
@@ -113,7 +119,9 @@ def resolve_table_placement(cls, args: tuple, kwargs: dict) -> dict:
         if not isinstance(config, PreTrainedConfig):
             hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
             config = cls.config_class.from_pretrained(args[0], **{k: kwargs[k] for k in hub_keys if k in kwargs})
-        device_map = engram_device_map(config, tables="auto", max_memory=kwargs.pop("max_memory", None))
+        device_map = engram_device_map(
+            config, tables="auto", max_memory=kwargs.pop("max_memory", None), model_class=cls
+        )
     if not isinstance(device_map, dict):
         return kwargs
     placements = {key: value for key, value in device_map.items() if _TABLE.match(key)}

@@ -1,8 +1,11 @@
-"""The README's main job runs end to end (at a tiny size)."""
+"""The README's main job and the allocation sweep run end to end (at a tiny size)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,3 +20,16 @@ def test_main_job_builds_trains_generates_saves_and_reloads(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "identical logits=True, identical completion=True" in result.stdout
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_allocation_sweep_trains_every_rho_and_plots(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "allocation_sweep.py"), "--steps", "20", "--max-files", "20",
+         "--vocab-size", "400", "--rhos", "1.0,0.5", "--val-chunks", "4", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = json.loads((tmp_path / "allocation_sweep.json").read_text())["results"]
+    assert [(r["rho"], r["n_routed_experts"], r["engram_rows_per_head"] > 0) for r in runs] == [(1.0, 32, False), (0.5, 17, True)]
+    assert runs[0]["total_without_embeddings"] == pytest.approx(runs[1]["total_without_embeddings"], rel=0.02)
+    assert (tmp_path / "allocation_sweep.png").stat().st_size > 10_000

@@ -99,9 +99,9 @@ def test_cached_generation_with_triton_kernels_equals_the_torch_path(kernel_call
     sequences = {}
     for kernel in ("torch", "triton"):
         with force_engram_kernel(kernel):
-            sequences[kernel] = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6,
+            sequences[kernel] = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4,
                                                do_sample=False, pad_token_id=0)
-    assert kernel_calls["ngram_hash"] == 6  # prefill and every decoding step hash on the kernel
+    assert kernel_calls["ngram_hash"] == 4  # prefill and every decoding step hash on the kernel
     assert torch.equal(sequences["triton"], sequences["torch"])
 
 
@@ -203,3 +203,18 @@ def test_trust_remote_code_export_runs_without_the_kernels_and_uses_them_when_im
     torch.testing.assert_close(torch.tensor(result["triton"]), expected, rtol=0, atol=atol)
     assert result["launched"] == sorted(["ngram_hash", "gather_rows", "fused_gate"])
     assert modeling_engram.__name__ == "modeling_engram"
+
+
+def test_gate_heatmap_still_sees_the_gate_when_the_kernels_run(kernel_calls):
+    from modeling_engram.visualize import gate_values
+
+    model = tiny_model(hc_mult=4, engram_kernel="triton").to(DEVICE)
+    input_ids, _ = batch()
+    with force_engram_kernel("torch"):
+        expected = gate_values(model, input_ids)
+    watched = gate_values(model, input_ids)  # hooks on the gate module: the layer takes the torch path for it
+    assert list(watched) == model.config.engram_layer_ids and kernel_calls["fused_gate"] == 0
+    assert all(torch.equal(watched[k], expected[k]) for k in expected)
+    with torch.no_grad():
+        model(input_ids)
+    assert kernel_calls["fused_gate"] == len(model.config.engram_layer_ids)  # unwatched: the fused kernel
