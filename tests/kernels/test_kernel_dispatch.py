@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_model
+from conftest import BACKBONES, ROOT, tiny_model
 from kernel_checks import DEVICE, engram_kernels
 
 import modeling_engram
@@ -72,9 +72,10 @@ def test_dispatch_rules(monkeypatch):
         force_engram_kernel("fast").__enter__()
 
 
-@pytest.mark.parametrize(("hc_mult", "use_cache"), [(1, False), (4, True)], ids=["hc1-no-cache", "hc4-cache"])
-def test_model_with_triton_kernels_gives_the_torch_logits_and_gradients(hc_mult, use_cache, kernel_calls):
-    model = tiny_model(hc_mult=hc_mult, engram_kernel="triton").to(DEVICE)
+@pytest.mark.parametrize(("backbone", "use_cache"), [("hc1", False), ("hc4-moe", True)],
+                         ids=["hc1-no-cache", "hc4-moe-cache"])
+def test_model_with_triton_kernels_gives_the_torch_logits_and_gradients(backbone, use_cache, kernel_calls):
+    model = tiny_model(**BACKBONES[backbone], engram_kernel="triton").to(DEVICE)
     input_ids, attention_mask = batch()
     results = {}
     for kernel in ("torch", "config"):  # "config": the modules' own preference, engram_kernel="triton"
