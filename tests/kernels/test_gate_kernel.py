@@ -49,6 +49,12 @@ def test_gate_forward_and_gradients_match_the_reference(length, dtype, branches)
     check_gate(gate.kernel, gate_case(length, branches, dtype, seed=length), dtype)
 
 
+def test_inputs_at_the_scale_of_eps():
+    # mean(x^2) ~ eps: the RMSNorm epsilon changes the result at first order here (on unit-scale inputs it is 1e-6).
+    query, key, *rest = gate_case(63, 4, torch.float32, seed=3)
+    check_gate(gate.kernel, [query * 1e-3, key * 1e-3, *rest], torch.float32)
+
+
 @pytest.mark.parametrize("dim", [1, 130], ids=lambda d: f"D{d}")
 def test_odd_widths(dim):
     check_gate(gate.kernel, gate_case(7, 3, torch.float32, dim=dim), torch.float32)
@@ -112,6 +118,8 @@ MUTATIONS = {
         "dq = q_rstd[:, None] * d_qhat",
     ),
     "backward-wrong-sqrt-derivative": ("* 0.5 / root", "* 0.5 * root"),
+    "key-norm-eps-tenfold": ("k_rstd = tl.rsqrt(tl.sum(k * k, axis=1) / D + eps)",
+                             "k_rstd = tl.rsqrt(tl.sum(k * k, axis=1) / D + 10 * eps)"),
     "backward-dv-keeps-the-last-branch": ("dv += grad * alpha[:, None]", "dv = grad * alpha[:, None]"),
     "backward-overwrites-the-weight-partials": (
         "dwq = tl.load(dwq_ptr + partial, mask=d < D) + tl.sum(d_qn * q_hat, axis=0)",
@@ -124,6 +132,8 @@ MUTATIONS = {
 def test_a_deliberately_wrong_gate_kernel_fails_the_parity_check(mutation):
     wrong = mutant(gate.kernel, *MUTATIONS[mutation])
     case = gate_case(63, 4, torch.float32, seed=1)
+    if mutation == "key-norm-eps-tenfold":  # eps only matters where mean(x^2) is near it
+        case = [case[0] * 1e-3, case[1] * 1e-3, *case[2:]]
     check_gate(gate.kernel, case, torch.float32)
     with pytest.raises(AssertionError, match="error"):
         check_gate(wrong, case, torch.float32)
