@@ -175,4 +175,31 @@ def allocate(config: EngramConfig, total_parameters: int, activated_parameters: 
     )
 
 
-__all__ = ["ParameterCount", "SparsityAllocation", "allocate", "config_with", "count_parameters", "expert_parameters"]
+
+
+def flops_per_token(config: EngramConfig, seq_len: int) -> int:
+    """Forward FLOPs per token (multiply-adds x 2) at a context of `seq_len` tokens.
+
+    Every matmul weight a token uses (attention and FFN projections, the experts it is routed to, Engram's
+    value/key projection, mHC mixing, the LM head) costs 2 FLOPs per weight; attention scores and the weighted sum
+    cost 2 x 2 x heads x head_dim per attended position, over all `seq_len` positions (what dense attention
+    kernels compute; the causal mask halves the useful part).
+    Table rows are gathered, not multiplied: they cost no FLOPs. Norms, activations and the short conv are left out.
+    """
+    counts = count_parameters(config)
+    rows_read = len(config.engram_layer_ids) * config.engram_dim
+    vocab_head = config.vocab_size * config.hidden_size
+    matmul_weights = counts.activated - rows_read + vocab_head
+    attention = 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return int(2 * matmul_weights + attention)
+
+
+__all__ = [
+    "ParameterCount",
+    "SparsityAllocation",
+    "allocate",
+    "config_with",
+    "count_parameters",
+    "expert_parameters",
+    "flops_per_token",
+]

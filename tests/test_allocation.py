@@ -13,7 +13,7 @@ values 128), built from transformers' DeepseekV3Attention.
 
 import pytest
 import torch
-from conftest import BACKBONES, tiny_config
+from conftest import BACKBONES, tiny_config, tiny_model
 from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
@@ -148,3 +148,17 @@ def test_allocate_refuses_bad_budgets(args, message):
 def test_allocate_needs_moe_shapes():
     with pytest.raises(ValueError, match="n_routed_experts=0"):
         allocate(tiny_config(), 10**6, 10**5, 0.5)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(hc_mult=4), dict(engram_layer_ids=[])], ids=["engram", "mhc", "dense"])
+def test_flops_per_token_matches_a_counted_forward(overrides):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modeling_engram.allocation import flops_per_token
+
+    model = tiny_model(**overrides)
+    seq_len = 48
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(3, 97, (2, seq_len)))
+    measured = counter.get_total_flops() / (2 * seq_len)
+    assert abs(flops_per_token(model.config, seq_len) - measured) / measured < 0.03
