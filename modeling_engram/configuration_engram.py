@@ -11,6 +11,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 INT64_MAX = 2**63 - 1
 ENGRAM_STORAGES = ("device", "host", "disk")
+ENGRAM_KERNELS = ("auto", "triton", "torch")
 LAYER_SEED_PRIME = 10007
 _MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 
@@ -117,6 +118,10 @@ class EngramConfig(PreTrainedConfig):
             checkpoint's safetensors, rows read on demand). Also a `from_pretrained` keyword.
         engram_prefetch: with host/disk tables, fetch every Engram layer's rows asynchronously at model entry.
         engram_cache_rows: rows per table kept in a hot-row cache on the execution device (0 = no cache).
+        engram_kernel: which implementation runs hash, gather and gate: "auto" (Triton kernels of the
+            `engram_kernels` package on CUDA tensors when it imports, torch otherwise), "triton" (also under
+            TRITON_INTERPRET=1 on the CPU; torch where Triton cannot run) or "torch". A preference, not a
+            requirement: the parameters are the same either way, so any checkpoint runs anywhere.
     """
 
     model_type = "engram"
@@ -176,6 +181,7 @@ class EngramConfig(PreTrainedConfig):
     engram_storage: str = "device"
     engram_prefetch: bool = True
     engram_cache_rows: int = 0
+    engram_kernel: str = "auto"
     layer_types: list[str] | None = None
     number_of_conv_states: int = 2
 
@@ -247,6 +253,8 @@ class EngramConfig(PreTrainedConfig):
                  f"it must lie in [1, vocab_size={self.vocab_size}]")
         if self.engram_storage not in ENGRAM_STORAGES:
             fail("engram_storage", self.engram_storage, f"it must be one of {ENGRAM_STORAGES}")
+        if self.engram_kernel not in ENGRAM_KERNELS:
+            fail("engram_kernel", self.engram_kernel, f"it must be one of {ENGRAM_KERNELS}")
         if self.engram_cache_rows < 0:
             fail("engram_cache_rows", self.engram_cache_rows, "it must be >= 0 (0 disables the hot-row cache)")
         if not 0 <= self.engram_pad_id < self.vocab_size:

@@ -23,20 +23,37 @@ def text_blocks_dataset(
     """
     from datasets import load_dataset
 
-    if block_size < 1:
-        raise ValueError(f"block_size={block_size} is invalid; it must be >= 1.")
     files = [str(f) for f in files]
     if not files:
         raise ValueError("text_blocks_dataset needs at least one text file.")
-    eos = [tokenizer.eos_token_id] if eos_between_files else []
-    if eos_between_files and tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token_id; pass eos_between_files=False or set an eos token.")
     texts = load_dataset(
         "text", data_files={"train": files}, split="train", sample_by="document", cache_dir=cache_dir
     )
+    return texts_blocks_dataset(texts, tokenizer, block_size, eos_between_files=eos_between_files,
+                                group_batch_size=group_batch_size, num_proc=num_proc)
+
+
+def texts_blocks_dataset(
+    texts,
+    tokenizer,
+    block_size: int,
+    *,
+    text_column: str = "text",
+    eos_between_files: bool = True,
+    group_batch_size: int = 1000,
+    num_proc: int | None = None,
+):
+    """`text_blocks_dataset` for a `datasets.Dataset` whose `text_column` holds one document per row."""
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} is invalid; it must be >= 1.")
+    if text_column not in texts.column_names:
+        raise ValueError(f"text_column={text_column!r} is not a column of the dataset ({texts.column_names}).")
+    eos = [tokenizer.eos_token_id] if eos_between_files else []
+    if eos_between_files and tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; pass eos_between_files=False or set an eos token.")
 
     def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
         return {"input_ids": [row + eos for row in ids]}
 
     def group(batch):
@@ -48,4 +65,4 @@ def text_blocks_dataset(
     return tokens.map(group, batched=True, batch_size=group_batch_size, num_proc=num_proc)
 
 
-__all__ = ["text_blocks_dataset"]
+__all__ = ["text_blocks_dataset", "texts_blocks_dataset"]

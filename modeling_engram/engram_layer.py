@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache
 
 from .configuration_engram import EngramConfig
+from .kernel_dispatch import checked_preference, load_kernels, use_triton
 from .memory import EngramTable
 
 CONV_STATE = 0  # cache conv-state slot of an Engram layer holding the short-conv inputs
@@ -131,6 +132,7 @@ class EngramLayer(nn.Module):
             config.n_embed_per_ngram // config.n_head_per_ngram,
             storage=config.engram_storage,
             cache_rows=config.engram_cache_rows,
+            kernel=config.engram_kernel,
         )
         self.kv_proj = EngramKeyValue(config)
         self.query_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
@@ -138,6 +140,20 @@ class EngramLayer(nn.Module):
         self.conv_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.short_conv = EngramShortConv(config, layer_idx)
         self.gate = EngramGate()
+        self.kernel = checked_preference(config.engram_kernel)
+
+    def gated_values(self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """u_m = alpha_m v for hidden [B, T, hc, D], projected keys [B, T, hc, D], value [B, T, D]: [B, T, hc, D]."""
+        # The fused kernel never materialises alpha: while hooks watch the gate module (gate_heatmap), use torch.
+        watched = bool(self.gate._forward_hooks or self.gate._forward_pre_hooks)
+        # PEFT (LN-tuning) wraps the norms: their trainable copies only act through the modules' own forward.
+        plain = type(self.query_norm) is BranchRMSNorm and type(self.key_norm) is BranchRMSNorm
+        if not watched and plain and use_triton(self.kernel, hidden_states, key, value):
+            return load_kernels().fused_gate(
+                hidden_states, key, value, self.query_norm.weight, self.key_norm.weight, self.query_norm.variance_epsilon
+            )
+        gate = self.gate(self.query_norm(hidden_states), self.key_norm(key))
+        return gate * value.unsqueeze(-2)
 
     def forward(
         self,
@@ -150,10 +166,8 @@ class EngramLayer(nn.Module):
         """`rows` [B, T, d_mem]: memory rows fetched ahead (prefetch); gathered here from `hash_ids` otherwise."""
         branches = (self.hc_mult, self.hidden_size)
         value, keys = self.kv_proj(self.table(hash_ids) if rows is None else rows)
-        key = self.key_norm(keys.unflatten(-1, branches))
-        query = self.query_norm(hidden_states.unflatten(-1, branches))
-        gate = self.gate(query, key)
-        values = (gate * value.unsqueeze(-2)).flatten(-2)
+        values = self.gated_values(hidden_states.unflatten(-1, branches), keys.unflatten(-1, branches), value)
+        values = values.flatten(-2)
         conv_inputs = self.conv_norm(values.unflatten(-1, branches)).flatten(-2)
         if token_mask is not None:  # padding positions feed zeros to the conv, as positions before the start do
             conv_inputs = conv_inputs * token_mask.unsqueeze(-1).to(conv_inputs.dtype)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .configuration_engram import EngramConfig
+from .kernel_dispatch import checked_preference, load_kernels, use_triton
 
 
 class EngramHasher(nn.Module):
@@ -26,6 +27,7 @@ class EngramHasher(nn.Module):
         self.vocab_size = config.vocab_size
         self.compressed_vocab_size = config.engram_compressed_vocab_size
         self.pad_id = config.engram_pad_id
+        self.kernel = checked_preference(config.engram_kernel)
         self.multipliers = {layer_id: list(m) for layer_id, m in zip(self.layer_ids, config.engram_multipliers)}
         self.table_sizes = {layer_id: list(s) for layer_id, s in zip(self.layer_ids, config.engram_table_sizes)}
         self.token_map = nn.Buffer(self.default_token_map())
@@ -90,6 +92,12 @@ class EngramHasher(nn.Module):
         Returns `{layer_id: LongTensor[B, T, (N-1) * H]}`: each head's row inside its own table, order 2 first.
         """
         n = self.max_ngram_size
+        if use_triton(self.kernel, tokens, self.token_map):
+            hash_ids = load_kernels().ngram_hash(
+                tokens[:, n - 1 :], self.token_map, self.multiplier_tensor, self.table_size_tensor,
+                pad_id=self.pad_id, history=tokens[:, : n - 1], compressed=True,
+            )
+            return dict(zip(self.layer_ids, hash_ids.unbind(0)))
         length = tokens.shape[1] - (n - 1)
         # shifted[k][b, t] = x'_{t-k}: [N, B, T]
         shifted = torch.stack([tokens[:, n - 1 - k : n - 1 - k + length] for k in range(n)])
@@ -107,6 +115,12 @@ class EngramHasher(nn.Module):
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
     ) -> dict[int, torch.LongTensor]:
         """Hash ids of fresh sequences `input_ids` [B, T]: `{layer_id: LongTensor[B, T, (N-1) * H]}`."""
+        if use_triton(self.kernel, input_ids, self.token_map):  # token map, mask and hash in one launch
+            hash_ids = load_kernels().ngram_hash(
+                input_ids, self.token_map, self.multiplier_tensor, self.table_size_tensor,
+                pad_id=self.pad_id, token_mask=attention_mask,
+            )
+            return dict(zip(self.layer_ids, hash_ids.unbind(0)))
         compressed = self.compress(input_ids, attention_mask)
         return self.hash_tokens(torch.cat([self.start_history(input_ids), compressed], dim=1))
 

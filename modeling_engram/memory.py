@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .kernel_dispatch import checked_preference, load_kernels, use_triton
+
 # Set by `EngramPreTrainedModel.from_pretrained`: host/disk tables are then read from the checkpoint files by
 # `attach_checkpoint_tables`, never by transformers' loader (which would materialise them whole).
 EXTERNAL_TABLES = contextvars.ContextVar("engram_external_tables", default=False)
@@ -171,10 +173,13 @@ class EngramTable(nn.Embedding):
     all-reduces sparsely.
     """
 
-    def __init__(self, table_sizes: list[int], head_dim: int, storage: str = "device", cache_rows: int = 0):
+    def __init__(
+        self, table_sizes: list[int], head_dim: int, storage: str = "device", cache_rows: int = 0, kernel: str = "auto"
+    ):
         external = storage != "device" and EXTERNAL_TABLES.get()
         rows = sum(table_sizes)  # the weight is filled by `_init_weights` or a checkpoint; never by nn.Embedding
         super().__init__(rows, head_dim, _weight=torch.empty(rows, head_dim, device="meta" if external else None))
+        self.kernel = checked_preference(kernel)  # engram_kernel preference for the device-table gather
         self.table_sizes = list(table_sizes)
         self.head_dim = head_dim
         self.storage = storage
@@ -255,6 +260,9 @@ class EngramTable(nn.Embedding):
             return rows
 
     def fetch(self, hash_ids: torch.LongTensor, asynchronous: bool = False) -> RowFetch:
+        if self.storage == "device" and self.cache is None and use_triton(self.kernel, hash_ids, self.weight):
+            rows = load_kernels().gather_rows(self.weight, hash_ids, self.offsets, sparse_grad=self.sparse)
+            return RowFetch(rows.unflatten(-1, (len(self.table_sizes), self.head_dim)))
         ids = hash_ids + self.offsets.to(hash_ids.device)
         if self.storage == "device" and self.cache is None:
             return RowFetch(F.embedding(ids, self.weight, sparse=self.sparse))

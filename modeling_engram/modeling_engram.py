@@ -260,6 +260,8 @@ class EngramModel(EngramPreTrainedModel):
         """Hash ids of the new tokens for every Engram layer; the cache carries the last N-1 compressed ids."""
         if not self.config.engram_layer_ids:  # a baseline backbone without Engram (e.g. a pure MoE, rho = 1)
             return {}
+        if cache is None:  # fresh sequences: token map, mask and hash in one kernel launch when Triton runs
+            return self.hasher(input_ids, token_mask)
         compressed = self.hasher.compress(input_ids, token_mask)
         history = self.config.max_ngram_size - 1
         layer_ids = self.config.engram_layer_ids

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -5,6 +6,29 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be on before any kernel is decorated.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _bind_checkout_kernels() -> None:
+    """Import this checkout's `kernels/` as `engram_kernels`, the name `pip install` gives it (tests/kernels/
+    test_install.py checks the installs): like the modeling package, the tests exercise the checkout's copy."""
+    spec = importlib.util.spec_from_file_location(
+        "engram_kernels", os.path.join(ROOT, "kernels", "__init__.py"),
+        submodule_search_locations=[os.path.join(ROOT, "kernels")],
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["engram_kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:  # no Triton on this platform: the model runs its torch path, kernel tests skip
+        del sys.modules["engram_kernels"]
+
+
+_bind_checkout_kernels()
 
 import modeling_engram  # noqa: E402  (registers the Auto classes)
 from modeling_engram.moe import EngramTopKRouter  # noqa: E402

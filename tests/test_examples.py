@@ -1,6 +1,7 @@
 """The README's main job, its training snippet and the allocation sweep run end to end (at tiny sizes)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +12,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_main_job_builds_trains_generates_saves_and_reloads(tmp_path):
-    out = tmp_path / "model"
+def test_main_job_trains_both_models_reports_plots_and_reloads(tmp_path):
+    out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "main.py"), "--steps", "8", "--max-files", "20",
-         "--vocab-size", "600", "--seq-len", "64", "--batch-size", "4", "--out", str(out)],
+        [sys.executable, str(ROOT / "examples" / "main.py"), "--steps", "6", "--eval-every", "3", "--max-files", "20",
+         "--vocab-size", "600", "--seq-len", "64", "--batch-size", "4", "--hidden", "64", "--table-rows", "2000",
+         "--engram-width", "32", "--val-blocks", "8", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "identical logits=True, identical completion=True" in result.stdout
-    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    engram, twin = rows
+    assert (engram["model"], twin["model"]) == ("Engram", "twin")
+    assert abs(engram["flops_per_token"] / twin["flops_per_token"] - 1) <= 0.05  # compute-matched
+    assert engram["total_parameters"] > twin["total_parameters"]  # the tables
+    assert all(math.isfinite(row["val_loss"]) and row["tokens_per_second"] > 0 for row in rows)
+    assert "| difference (Engram - twin) |" in result.stdout and "completion from the reloaded model" in result.stdout
+    for name in ("loss_curves.png", "gate_heatmap.png", "gate_heatmap.html"):
+        assert (out / name).stat().st_size > 1000, name
+    assert (out / "engram_model" / "model.safetensors").exists() and (out / "engram_model" / "tokenizer.json").exists()
 
 
 def test_allocation_sweep_trains_every_rho_and_plots(tmp_path):

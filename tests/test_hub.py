@@ -56,7 +56,8 @@ def assert_same_outputs(actual: dict, expected: dict) -> None:
 def test_exported_files_are_the_modeling_files_closure():
     files = exported_code_files()
     modeling_file = PACKAGE_DIR / "modeling_engram.py"
-    transformers_copies = [Path(f).name for f in get_relative_import_files(modeling_file)]
+    # set: transformers lists a module once per file of one import level that imports it (kernel_dispatch: three)
+    transformers_copies = {Path(f).name for f in get_relative_import_files(modeling_file)}
     assert files[0] == "modeling_engram.py" and sorted(files[1:]) == sorted(transformers_copies)
     assert {"configuration_engram.py", "hashing.py", "memory.py", "engram_layer.py"} <= set(files)
     assert not {"hub.py", "token_map.py", "__init__.py"} & set(files), "package helpers must stay out of the export"
@@ -284,6 +285,7 @@ def test_card_template_is_package_data_with_a_single_source(tmp_path):
     assert not (ROOT / CARD_TEMPLATE).exists(), "one template: the package's"
     source = tmp_path / "source"  # build from a copy: an in-place build would leave build/ in the checkout
     shutil.copytree(PACKAGE_DIR, source / "modeling_engram", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "kernels", source / "kernels", ignore=shutil.ignore_patterns("__pycache__"))  # setup.py packages it
     for name in ("setup.py", "README.md"):
         shutil.copy(ROOT / name, source / name)
     run_python(["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
