@@ -83,9 +83,25 @@ class EngramConfig(PreTrainedConfig):
     Configuration of an Engram model: a Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) with
     Engram conditional memory before attention at `engram_layer_ids`.
 
+    Residual stream (mHC, Xie et al. 2025, "mHC: Manifold-Constrained Hyper-Connections"):
+        hc_mult: number of residual branches M (1 = a plain residual, no hyper-connection parameters).
+        hc_sinkhorn_iters: Sinkhorn-Knopp iterations projecting each residual mixing matrix towards the doubly
+            stochastic matrices (the mHC paper uses 20).
+
+    FFN (DeepSeekMoE with auxiliary-loss-free balancing; a dense SwiGLU MLP when `n_routed_experts` is 0):
+        n_routed_experts: routed experts per MoE layer (0 = dense MLP in every layer).
+        n_shared_experts: always-active experts per MoE layer, each of width `moe_intermediate_size`.
+        num_experts_per_tok: routed experts chosen per token (top-k).
+        moe_intermediate_size: width of one expert (defaults to `intermediate_size`).
+        first_k_dense_replace: the first k layers keep the dense MLP (width `intermediate_size`).
+        routed_scaling_factor: multiplies the routed experts' gate weights.
+        norm_topk_prob: normalise the chosen experts' sigmoid scores to sum to 1.
+        router_bias_update_speed: step gamma of the balancing bias: after each optimizer step
+            (`model.update_router_biases()`), bias_i += gamma * sign(mean load - load_i). Not trained by gradient.
+
     Engram fields (defaults reproduce the public reference demo `engram_demo_v1.py`):
-        hc_mult: number of residual branches (1 = a plain residual).
         engram_layer_ids: 0-based decoder layer indices that carry Engram; also the integers seeding the hashes.
+            `[]` builds the backbone alone (a baseline without Engram).
         max_ngram_size: largest n-gram order N (orders 2..N are hashed).
         n_head_per_ngram: hash heads per order.
         n_embed_per_ngram: memory width per order (split evenly over its heads).
@@ -137,6 +153,15 @@ class EngramConfig(PreTrainedConfig):
     mlp_bias: bool = False
 
     hc_mult: int = 1
+    hc_sinkhorn_iters: int = 20
+    n_routed_experts: int = 0
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int | None = None
+    first_k_dense_replace: int = 0
+    routed_scaling_factor: int | float = 1.0
+    norm_topk_prob: bool = True
+    router_bias_update_speed: int | float = 1e-3
     engram_layer_ids: list[int] | None = None
     max_ngram_size: int = 3
     n_head_per_ngram: int = 8
@@ -166,7 +191,10 @@ class EngramConfig(PreTrainedConfig):
             self.engram_vocab_size = [self.vocab_size * 5] * (self.max_ngram_size - 1)
         if self.engram_compressed_vocab_size is None:
             self.engram_compressed_vocab_size = self.vocab_size
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
         self._validate_engram()
+        self._validate_backbone()
         # Engram layers keep two generation states next to their KV cache: short-conv inputs and token history.
         self.layer_types = [
             "hybrid" if i in self.engram_layer_ids else "full_attention" for i in range(self.num_hidden_layers)
@@ -224,9 +252,38 @@ class EngramConfig(PreTrainedConfig):
         if not 0 <= self.engram_pad_id < self.vocab_size:
             fail("engram_pad_id", self.engram_pad_id, f"it must be a raw token id in [0, {self.vocab_size - 1}]")
 
+    def _validate_backbone(self):
+        def fail(name, value, allowed):
+            raise ValueError(f"EngramConfig: {name}={value!r} is invalid; {allowed}.")
+
+        if self.hc_sinkhorn_iters < 1:
+            fail("hc_sinkhorn_iters", self.hc_sinkhorn_iters, "it must be >= 1")
+        if self.n_routed_experts < 0:
+            fail("n_routed_experts", self.n_routed_experts, "it must be >= 0 (0 = dense MLP in every layer)")
+        if self.n_routed_experts == 0:
+            return
+        if self.n_shared_experts < 0:
+            fail("n_shared_experts", self.n_shared_experts, "it must be >= 0")
+        if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+            fail("num_experts_per_tok", self.num_experts_per_tok,
+                 f"it must lie in [1, n_routed_experts={self.n_routed_experts}]")
+        if self.moe_intermediate_size < 1:
+            fail("moe_intermediate_size", self.moe_intermediate_size, "it must be >= 1")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            fail("first_k_dense_replace", self.first_k_dense_replace,
+                 f"it must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if not self.routed_scaling_factor > 0:
+            fail("routed_scaling_factor", self.routed_scaling_factor, "it must be > 0")
+        if not self.router_bias_update_speed >= 0:
+            fail("router_bias_update_speed", self.router_bias_update_speed, "it must be >= 0")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` has a DeepSeekMoE FFN (else the dense SwiGLU MLP)."""
+        return self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+
     def _validate_multipliers(self):
         expected = (len(self.engram_layer_ids), self.max_ngram_size)
-        shape = (len(self.engram_multipliers), *{len(m) for m in self.engram_multipliers})
+        shape = (len(self.engram_multipliers), *({len(m) for m in self.engram_multipliers} or {self.max_ngram_size}))
         if shape != expected:
             raise ValueError(
                 f"EngramConfig: engram_multipliers has shape {shape}, expected {expected} "

@@ -39,6 +39,14 @@ def signed_sqrt_gate(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(scores.abs().clamp_min(1e-6).sqrt() * scores.sign())
 
 
+class EngramGate(nn.Module):
+    """The context-aware gate as a module (no parameters), so forward hooks can read alpha [B, T, M, 1]
+    (`visualize.gate_heatmap` does)."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return signed_sqrt_gate(query, key)
+
+
 class EngramShortConv(nn.Module):
     """Y = SiLU(causal depthwise Conv1D(x)), kernel `engram_kernel_size`, dilation `max_ngram_size`.
 
@@ -70,15 +78,40 @@ class EngramShortConv(nn.Module):
         return f"channels={self.weight.shape[0]}, kernel_size={self.weight.shape[-1]}, dilation={self.dilation}"
 
 
+class EngramKeyValue(nn.Module):
+    """Shared value and per-branch keys of the memory rows in one matmul: `forward(rows [B, T, d_mem]) ->
+    (value [B, T, D], keys [B, T, M * D])`, i.e. rows @ [W_V; W_K^(1); ..; W_K^(M)]^T.
+
+    Two parameters, `value_weight` [D, d_mem] (shared by all branches) and `key_weight` [M * D, d_mem] (the keys
+    of all branches, part of the gate), concatenated per call: the gating keys stay a parameter of their own that
+    PEFT can target (`target_parameters`) or train alone, and an offloading hook on this module moves both.
+    """
+
+    def __init__(self, config: EngramConfig):
+        super().__init__()
+        self.value_size = config.hidden_size
+        self.value_weight = nn.Parameter(torch.empty(config.hidden_size, config.engram_dim))
+        self.key_weight = nn.Parameter(torch.empty(config.hc_mult * config.hidden_size, config.engram_dim))
+
+    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = torch.cat([self.value_weight, self.key_weight])
+        value_and_keys = F.linear(rows.to(weight.dtype), weight)
+        return value_and_keys.split([self.value_size, self.key_weight.shape[0]], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in={self.value_weight.shape[1]}, value={self.value_size}, keys={self.key_weight.shape[0]}"
+
+
 class EngramLayer(nn.Module):
     """Engram at one decoder layer: `forward(hidden [B, T, hc * D], hash_ids [B, T, heads]) -> [B, T, hc * D]`.
 
     Per branch m: k_m = W_K^(m) e, v = W_V e (shared), alpha_m = gate(RMSNorm(h_m), RMSNorm(k_m)), u_m = alpha_m v;
-    Y = SiLU(Conv(RMSNorm(U))) + U. The keys of all branches are one matmul (`key_proj`).
+    Y = SiLU(Conv(RMSNorm(U))) + U. The value and the keys of all branches are one matmul (`kv_proj`).
     """
 
-    # Submodules that compute only the gate alpha, by role: what gating-only fine-tuning trains (gating_peft.py).
-    gating_projections = ("key_proj",)
+    # The gate alpha's own parameters, by role (gating-only fine-tuning, gating_peft.py): the branch keys, a parameter
+    # of the fused value/key matmul, and the query/key norms, whole modules.
+    gating_key_parameters = ("kv_proj.key_weight",)
     gating_norms = ("query_norm", "key_norm")
 
     def __init__(self, config: EngramConfig, layer_idx: int):
@@ -93,12 +126,12 @@ class EngramLayer(nn.Module):
             storage=config.engram_storage,
             cache_rows=config.engram_cache_rows,
         )
-        self.key_proj = nn.Linear(config.engram_dim, config.hc_mult * config.hidden_size, bias=False)
-        self.value_proj = nn.Linear(config.engram_dim, config.hidden_size, bias=False)
+        self.kv_proj = EngramKeyValue(config)
         self.query_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.key_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.conv_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.short_conv = EngramShortConv(config, layer_idx)
+        self.gate = EngramGate()
 
     def forward(
         self,
@@ -110,15 +143,15 @@ class EngramLayer(nn.Module):
     ) -> torch.Tensor:
         """`rows` [B, T, d_mem]: memory rows fetched ahead (prefetch); gathered here from `hash_ids` otherwise."""
         branches = (self.hc_mult, self.hidden_size)
-        rows = (self.table(hash_ids) if rows is None else rows).to(self.key_proj.weight.dtype)
-        key = self.key_norm(self.key_proj(rows).unflatten(-1, branches))
+        value, keys = self.kv_proj(self.table(hash_ids) if rows is None else rows)
+        key = self.key_norm(keys.unflatten(-1, branches))
         query = self.query_norm(hidden_states.unflatten(-1, branches))
-        gate = signed_sqrt_gate(query, key)
-        values = (gate * self.value_proj(rows).unsqueeze(-2)).flatten(-2)
+        gate = self.gate(query, key)
+        values = (gate * value.unsqueeze(-2)).flatten(-2)
         conv_inputs = self.conv_norm(values.unflatten(-1, branches)).flatten(-2)
         if token_mask is not None:  # padding positions feed zeros to the conv, as positions before the start do
             conv_inputs = conv_inputs * token_mask.unsqueeze(-1).to(conv_inputs.dtype)
         return values + self.short_conv(conv_inputs, cache)
 
 
-__all__ = ["EngramLayer", "EngramShortConv", "BranchRMSNorm", "signed_sqrt_gate"]
+__all__ = ["EngramLayer", "EngramGate", "EngramKeyValue", "EngramShortConv", "BranchRMSNorm", "signed_sqrt_gate"]

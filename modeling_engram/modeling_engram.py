@@ -1,8 +1,9 @@
 """Engram model family: decoder layer, EngramPreTrainedModel, EngramModel, EngramForCausalLM.
 
 The backbone is transformers' Llama (RMSNorm, RoPE, grouped-query attention through the attention interface,
-SwiGLU MLP), reused rather than copied; Engram sits before attention at `config.engram_layer_ids`. The hash ids of
-every Engram layer are computed once, at model entry, from the token ids alone.
+SwiGLU MLP), reused rather than copied, with the paper's options: an mHC residual of `hc_mult` branches (mhc.py)
+and DeepSeekMoE FFNs (moe.py). Engram sits before attention at `config.engram_layer_ids`. The hash ids of every
+Engram layer are computed once, at model entry, from the token ids alone.
 
 This file and the same-folder modules it imports (`from .module import name`, nothing else) are what
 `save_pretrained` exports for `trust_remote_code`; package helpers (token map, hub) stay out of it.
@@ -26,28 +27,33 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_engram import EngramConfig
-from .engram_layer import TOKEN_STATE, EngramLayer, EngramShortConv
+from .engram_layer import TOKEN_STATE, EngramKeyValue, EngramLayer, EngramShortConv
 from .hashing import EngramHasher
 from .memory import EXTERNAL_TABLES, EngramTable, RowFetch, attach_checkpoint_tables
+from .mhc import DYNAMIC_SCALE_INIT, HyperConnection, HyperHead, PlainResidual
+from .moe import EngramExperts, EngramMoE, EngramTopKRouter
 from .placement import resolve_table_placement
 
 
 class EngramDecoderLayer(GradientCheckpointingLayer):
-    """h += Engram(h) (Engram layers only), then attention and MLP on the residual stream.
+    """h += Engram(h) (Engram layers only, per branch), then attention and FFN, each inside its residual.
 
-    The stream holds `hc_mult` branches, [B, T, hc_mult * hidden]. Attention and MLP read the branch average and
-    add their output to every branch (a plain residual when hc_mult == 1); branches differ by their Engram gates.
+    The stream holds `hc_mult` branches, [B, T, hc_mult * hidden]. With hc_mult > 1 each sublayer sits in an mHC
+    hyper-connection (`attn_hc`, `mlp_hc`: pre-mix M -> 1, post-distribution 1 -> M, doubly stochastic residual
+    mixing M x M); with hc_mult == 1 they are plain residuals, and the layer is Llama's pre-norm decoder layer.
+    The FFN is Llama's dense MLP, or DeepSeekMoE (`config.is_moe_layer`).
     """
 
     def __init__(self, config: EngramConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.branches = (config.hc_mult, config.hidden_size)
         self.engram = EngramLayer(config, layer_idx) if layer_idx in config.engram_layer_ids else None
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.mlp = EngramMoE(config) if config.is_moe_layer(layer_idx) else LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn_hc = HyperConnection(config) if config.hc_mult > 1 else PlainResidual()
+        self.mlp_hc = HyperConnection(config) if config.hc_mult > 1 else PlainResidual()
 
     def forward(
         self,
@@ -71,9 +77,9 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
                 token_mask=engram_token_mask,
                 rows=fetched.wait() if fetched is not None else None,
             )
-        branches = hidden_states.unflatten(-1, self.branches)
+        layer_input, post, res = self.attn_hc(hidden_states)
         attn_output, _ = self.self_attn(
-            hidden_states=self.input_layernorm(branches.mean(-2)),
+            hidden_states=self.input_layernorm(layer_input),
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -81,9 +87,14 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        branches = branches + attn_output.unsqueeze(-2)
-        branches = branches + self.mlp(self.post_attention_layernorm(branches.mean(-2))).unsqueeze(-2)
-        return branches.flatten(-2)
+        hidden_states = self.attn_hc.add(hidden_states, attn_output, post, res)
+        layer_input, post, res = self.mlp_hc(hidden_states)
+        layer_input = self.post_attention_layernorm(layer_input)
+        if isinstance(self.mlp, EngramMoE):
+            mlp_output = self.mlp(layer_input, token_mask=engram_token_mask)
+        else:
+            mlp_output = self.mlp(layer_input)
+        return self.mlp_hc.add(hidden_states, mlp_output, post, res)
 
 
 class EngramPreTrainedModel(PreTrainedModel):
@@ -99,19 +110,47 @@ class EngramPreTrainedModel(PreTrainedModel):
     # Host/disk tables are read by `attach_checkpoint_tables`, so transformers must not load (or warn about) them.
     _keys_to_ignore_on_load_unexpected = [r"engram\.table\.weight$"]
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # the experts class lives in moe.py, where transformers' source heuristic does not look
+
     def _init_weights(self, module):
+        std = self.config.initializer_range
         if isinstance(module, EngramTable):  # an nn.Embedding: initialised here alone, so its rows are drawn once
             if module.weight is not None and module.weight.requires_grad:
-                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+                init.normal_(module.weight, mean=0.0, std=std)
             init.copy_(module.offsets, module.head_offsets())
             return
         super()._init_weights(module)
-        if isinstance(module, EngramShortConv):
+        if isinstance(module, (HyperConnection, HyperHead)):
+            init.normal_(module.proj, mean=0.0, std=std)
+            init.constant_(module.scale, DYNAMIC_SCALE_INIT)
+            init.copy_(module.bias, module.static_bias())
+        elif isinstance(module, EngramKeyValue):
+            init.normal_(module.value_weight, mean=0.0, std=std)
+            init.normal_(module.key_weight, mean=0.0, std=std)
+        elif isinstance(module, EngramTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+            init.zeros_(module.expert_load)
+        elif isinstance(module, EngramExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, EngramShortConv):
             init.zeros_(module.weight)
         elif isinstance(module, EngramHasher):
             init.copy_(module.token_map, module.default_token_map())
             init.copy_(module.multiplier_tensor, torch.tensor(self.config.engram_multipliers, dtype=torch.long))
             init.copy_(module.table_size_tensor, torch.tensor(self.config.engram_table_sizes, dtype=torch.long))
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Auxiliary-loss-free balancing: move every MoE router's bias by the expert load counted since the last
+        call. Call it after each optimizer step, e.g. `optimizer.register_step_post_hook(lambda *_:
+        model.update_router_biases())`; a no-op without MoE layers or when no training forward ran."""
+        for module in self.modules():
+            if isinstance(module, EngramTopKRouter):
+                module.update_bias()
 
     def set_token_map(self, token_map: torch.Tensor) -> None:
         """Install the tokenizer-compression map built by `build_token_map` (checked against the config)."""
@@ -195,6 +234,7 @@ class EngramModel(EngramPreTrainedModel):
         self.layers = nn.ModuleList(
             [EngramDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
+        self.hc_head = HyperHead(config) if config.hc_mult > 1 else None
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -221,6 +261,8 @@ class EngramModel(EngramPreTrainedModel):
         self, input_ids: torch.LongTensor, token_mask: torch.Tensor | None, cache: Cache | None
     ) -> dict[int, torch.LongTensor]:
         """Hash ids of the new tokens for every Engram layer; the cache carries the last N-1 compressed ids."""
+        if not self.config.engram_layer_ids:  # a baseline backbone without Engram (e.g. a pure MoE, rho = 1)
+            return {}
         compressed = self.hasher.compress(input_ids, token_mask)
         history = self.config.max_ngram_size - 1
         layer_ids = self.config.engram_layer_ids
@@ -289,7 +331,7 @@ class EngramModel(EngramPreTrainedModel):
         hash_ids = self.engram_hash_ids(input_ids, token_mask, cache)
         rows = self.prefetch_rows(hash_ids)
 
-        hidden_states = inputs_embeds.repeat(1, 1, self.config.hc_mult)
+        hidden_states = inputs_embeds.repeat(1, 1, self.config.hc_mult)  # M copies of the embedding
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
@@ -304,7 +346,8 @@ class EngramModel(EngramPreTrainedModel):
                 engram_rows=rows,
                 **kwargs,
             )
-        hidden_states = hidden_states.unflatten(-1, (self.config.hc_mult, self.config.hidden_size)).mean(-2)
+        if self.hc_head is not None:
+            hidden_states = self.hc_head(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 

@@ -1,12 +1,18 @@
 import os
 import sys
 
-import pytest
-import torch
+# One intra-op thread here and in every subprocess and notebook kernel the tests start: on a shared machine, busy-
+# waiting OpenMP threads made the Trainer tests 30x slower (114 s instead of 4 s); tiny models gain nothing from more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import modeling_engram  # noqa: E402  (registers the Auto classes)
+from modeling_engram.moe import EngramTopKRouter  # noqa: E402
 
 
 def tiny_config(**overrides) -> modeling_engram.EngramConfig:
@@ -34,21 +40,34 @@ def tiny_config(**overrides) -> modeling_engram.EngramConfig:
     return modeling_engram.EngramConfig(**settings)
 
 
+# DeepSeekMoE on the tiny config: layer 0 dense, layers 1-2 with 1 shared + 8 routed experts, top-2.
+TINY_MOE = dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+                first_k_dense_replace=1)
+
+BACKBONES = {"hc1": dict(hc_mult=1), "hc4": dict(hc_mult=4), "moe": dict(hc_mult=1, **TINY_MOE),
+             "hc4-moe": dict(hc_mult=4, **TINY_MOE)}
+
+
 def tiny_model(seed: int = 0, conv_nonzero: bool = True, **overrides) -> modeling_engram.EngramForCausalLM:
-    """A random tiny EngramForCausalLM in eval mode; the short conv made non-zero so its state matters."""
+    """A random tiny EngramForCausalLM in eval mode; the short conv made non-zero so its state matters, and the
+    MoE balancing biases (if any) non-zero so that routing depends on them."""
     torch.manual_seed(seed)
     overrides.setdefault("attn_implementation", "eager")
     model = modeling_engram.EngramForCausalLM(tiny_config(**overrides)).eval()
-    if conv_nonzero:
-        with torch.no_grad():
+    with torch.no_grad():
+        if conv_nonzero:
             for layer_id in model.config.engram_layer_ids:
                 model.model.layers[layer_id].engram.short_conv.weight.normal_(0, 0.5)
+        for module in model.modules():
+            if isinstance(module, EngramTopKRouter):
+                module.e_score_correction_bias.normal_(0, 0.05)
     return model
 
 
-@pytest.fixture(params=[1, 4], ids=["hc1", "hc4"])
+@pytest.fixture(params=list(BACKBONES.values()), ids=list(BACKBONES))
 def hc_model(request):
-    return tiny_model(hc_mult=request.param)
+    """A tiny model on each backbone: plain residual, mHC with 4 branches, MoE, mHC + MoE."""
+    return tiny_model(**request.param)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
-"""Exact incremental decoding: the cache carries token history and short-conv state (hc_mult 1 and 4)."""
+"""Exact incremental decoding: the cache carries token history and short-conv state, on every backbone (plain
+residual, mHC with 4 branches, DeepSeekMoE, mHC + MoE)."""
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import BACKBONES, tiny_model
 from transformers import DynamicCache
 
 ATOL = 1e-5
@@ -101,8 +102,9 @@ def test_cropped_cache_equals_full_forward(hc_model):
 
 
 @torch.no_grad()
-def test_assisted_generation_equals_greedy():
-    model, draft = tiny_model(seed=0), tiny_model(seed=1)
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_assisted_generation_equals_greedy(backbone):
+    model, draft = tiny_model(seed=0, **BACKBONES[backbone]), tiny_model(seed=1)
     ids = prompt(batch=1)
     greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
     assisted = model.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=draft)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import BACKBONES, tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -60,11 +60,12 @@ def test_saved_hash_constants_are_not_recomputed(tmp_path, monkeypatch):
     assert reloaded.model.hasher.multiplier_tensor.tolist() == saved
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("backbone", ["hc4", "hc4-moe"])
+def test_gradient_checkpointing_gives_the_same_gradients(backbone):
     batch = ids()
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model(hc_mult=4).train()
+        model = tiny_model(**BACKBONES[backbone]).train()
         if checkpointing:
             model.activation_checkpointing_enable()
         loss = model(batch, labels=batch).loss
@@ -88,8 +89,9 @@ def test_labels_give_the_shifted_loss_and_ignore_minus_100():
 
 
 @torch.no_grad()
-def test_bf16_forward_runs_and_stays_close():
-    model = tiny_model()
+@pytest.mark.parametrize("backbone", ["hc1", "hc4-moe"])
+def test_bf16_forward_runs_and_stays_close(backbone):
+    model = tiny_model(**BACKBONES[backbone])
     batch = ids()
     reference = model(batch).logits
     logits = model.to(torch.bfloat16)(batch).logits
@@ -99,8 +101,9 @@ def test_bf16_forward_runs_and_stays_close():
 
 
 @torch.no_grad()
-def test_torch_compile_of_the_forward_runs_as_one_graph():
-    model = tiny_model()
+@pytest.mark.parametrize("backbone", ["hc1", "hc4-moe"])
+def test_torch_compile_of_the_forward_runs_as_one_graph(backbone):
+    model = tiny_model(**BACKBONES[backbone])
     batch = ids()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # no graph break
     torch.testing.assert_close(compiled(batch).logits, model(batch).logits, atol=1e-5, rtol=1e-5)

@@ -33,7 +33,7 @@ def test_parameter_groups_follow_the_paper_recipe():
     assert (groups["engram_tables"]["lr"], groups["engram_tables"]["weight_decay"]) == (5e-3, 0.0)
     assert (groups["decay"]["lr"], groups["decay"]["weight_decay"]) == (1e-3, 0.1)
     assert (groups["no_decay"]["lr"], groups["no_decay"]["weight_decay"]) == (1e-3, 0.0)
-    for name in ("engram.key_proj.weight", "engram.value_proj.weight", "engram.short_conv.weight",
+    for name in ("engram.kv_proj.key_weight", "engram.kv_proj.value_weight", "engram.short_conv.weight",
                  "self_attn.q_proj.weight", "mlp.down_proj.weight"):
         assert f"model.layers.2.{name}" in grouped["decay"]
     for name in ("engram.query_norm.weight", "engram.key_norm.weight", "engram.conv_norm.weight", "input_layernorm.weight"):
@@ -227,7 +227,7 @@ def text_data(tmp_path_factory, tiny_tokenizer):
 
 def training_args(out, **overrides) -> TrainingArguments:
     settings = dict(
-        output_dir=str(out), max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        output_dir=str(out), max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5, logging_steps=1, save_strategy="no", report_to=[],
         disable_tqdm=True, use_cpu=True, seed=0, per_device_eval_batch_size=8,
     )
@@ -261,24 +261,24 @@ def train(model, args, data, trainer_class=EngramTrainer, **kwargs):
 
 
 def test_engram_trainer_resumes_on_the_same_loss_curve(tmp_path, text_data):
-    """Accumulation 2, clipping, evaluation and checkpoints; resuming from step 3 reproduces steps 4-6 exactly."""
-    args = training_args(tmp_path / "full", save_strategy="steps", save_steps=3, eval_strategy="steps", eval_steps=3)
+    """Accumulation 2, clipping, evaluation and checkpoints; resuming from step 2 reproduces steps 3-4 exactly."""
+    args = training_args(tmp_path / "full", save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2)
     full, recorder = train(tiny_model(vocab_size=99), args, text_data)
-    assert all(recorder.sparse) and len(recorder.sparse) == 6
+    assert all(recorder.sparse) and len(recorder.sparse) == 4
     assert max(recorder.rows) < 1.0  # a step's gradient holds part of the table, not all of it
-    assert set(losses(full, "eval_loss")) == {3, 6}
+    assert set(losses(full, "eval_loss")) == {2, 4}
     assert min(losses(full, "grad_norm").values()) > 0.5  # the clipping threshold is active
 
-    checkpoint = tmp_path / "full" / "checkpoint-3"
+    checkpoint = tmp_path / "full" / "checkpoint-2"
     assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "model.safetensors").exists()
     resumed_model = tiny_model(vocab_size=99, seed=1)  # different weights: the checkpoint must restore them
     resumed = EngramTrainer(model=resumed_model, args=training_args(tmp_path / "resumed", eval_strategy="steps",
-                                                                     eval_steps=3),
+                                                                     eval_steps=2),
                             train_dataset=text_data[0], eval_dataset=text_data[1])
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for key in ("loss", "grad_norm", "eval_loss"):
-        after = [{step: value for step, value in losses(run, key).items() if step > 3} for run in (resumed, full)]
-        assert after[0] == after[1] and len(after[0]) == (3 if key != "eval_loss" else 1), key
+        after = [{step: value for step, value in losses(run, key).items() if step > 2} for run in (resumed, full)]
+        assert after[0] == after[1] and len(after[0]) == (2 if key != "eval_loss" else 1), key
     for (name, param), expected in zip(resumed.model.named_parameters(), full.model.named_parameters()):
         assert torch.equal(param, expected[1]), name
 
@@ -301,7 +301,7 @@ def test_plain_trainer_takes_the_engram_optimizer_through_its_optimizers_argumen
 def test_plain_trainer_out_of_the_box_trains_with_dense_tables(tmp_path, text_data):
     model = tiny_model(vocab_size=99)
     start = {layer_id: table.weight.detach().clone() for layer_id, table in tables(model).items()}
-    trainer, recorder = train(model, training_args(tmp_path, max_steps=8, learning_rate=3e-3), text_data,
+    trainer, recorder = train(model, training_args(tmp_path, max_steps=6, learning_rate=3e-3), text_data,
                               trainer_class=Trainer)
     assert not any(recorder.sparse)
     curve = list(losses(trainer).values())
@@ -315,7 +315,7 @@ def test_activation_checkpointing_and_bf16_autocast_under_engram_trainer(tmp_pat
                             "bf16": {"bf16": True}}.items():
         model = tiny_model(vocab_size=99)
         dtypes = set()
-        model.model.layers[0].engram.key_proj.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+        model.model.layers[0].engram.kv_proj.register_forward_hook(lambda m, i, out: dtypes.add(out[1].dtype))
         trainer, recorder = train(model, training_args(tmp_path / name, **overrides), text_data)
         assert all(recorder.sparse), name
         runs[name] = (trainer, dtypes)
@@ -343,3 +343,16 @@ def test_engram_trainer_refuses_sparse_tables_under_fsdp(tmp_path):
     trainer.is_fsdp_enabled = True
     with pytest.raises(ValueError, match="do not work under DeepSpeed or FSDP.*sparse_table_grads=False"):
         trainer.create_optimizer()
+
+
+def test_engram_trainer_on_mhc_and_moe_balances_the_routers(tmp_path, text_data):
+    from conftest import BACKBONES
+
+    model = tiny_model(vocab_size=99, **BACKBONES["hc4-moe"])
+    biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert biases
+    trainer, recorder = train(model, training_args(tmp_path, max_steps=3), text_data)
+    assert all(recorder.sparse) and len(recorder.sparse) == 3
+    assert all(not torch.equal(model.get_buffer(name), bias) for name, bias in biases.items())
+    curve = list(losses(trainer).values())
+    assert len(curve) == 3 and all(math.isfinite(loss) for loss in curve)
