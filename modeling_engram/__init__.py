@@ -3,8 +3,9 @@
 Importing this package registers `EngramConfig` (model_type "engram"), `EngramModel` and `EngramForCausalLM`
 with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, and marks them for code export: `save_pretrained` writes
 an `auto_map` and copies the model code, so the folder loads with `trust_remote_code=True` where this package is not
-installed. The training helpers (`create_engram_optimizer`, `EngramTrainer`, `text_blocks_dataset`) load on first
-use, since loading a model needs none of them.
+installed. Where PEFT is installed, it also makes the gating projections LoRA's default targets on Engram models.
+The training helpers (`create_engram_optimizer`, `EngramTrainer`, `text_blocks_dataset`) load on first use, since
+loading a model needs none of them.
 """
 
 import importlib
@@ -12,7 +13,7 @@ import importlib
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_engram import EngramConfig
-from .gating_peft import gating_parameter_names, gating_peft_config, train_only_gating
+from .gating_peft import gating_module_names, gating_parameter_names, gating_peft_config, register_peft_defaults
 from .hashing import EngramHasher
 from .hub import exported_code_files, model_card, push_to_hub
 from .modeling_engram import EngramForCausalLM, EngramModel, EngramPreTrainedModel
@@ -25,6 +26,7 @@ AutoModelForCausalLM.register(EngramConfig, EngramForCausalLM, exist_ok=True)
 EngramConfig.register_for_auto_class("AutoConfig")
 EngramModel.register_for_auto_class("AutoModel")
 EngramForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+register_peft_defaults()
 
 __version__ = "0.1.0"
 
@@ -53,9 +55,9 @@ __all__ = [
     "build_token_map",
     "engram_device_map",
     "exported_code_files",
+    "gating_module_names",
     "gating_parameter_names",
     "gating_peft_config",
-    "train_only_gating",
     "model_card",
     "push_to_hub",
     *_LAZY,

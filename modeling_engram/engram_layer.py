@@ -82,24 +82,31 @@ class EngramKeyValue(nn.Module):
     """Shared value and per-branch keys of the memory rows in one matmul: `forward(rows [B, T, d_mem]) ->
     (value [B, T, D], keys [B, T, M * D])`, i.e. rows @ [W_V; W_K^(1); ..; W_K^(M)]^T.
 
-    Two parameters, `value_weight` [D, d_mem] (shared by all branches) and `key_weight` [M * D, d_mem] (the keys
-    of all branches, part of the gate), concatenated per call: the gating keys stay a parameter of their own that
-    PEFT can target (`target_parameters`) or train alone, and an offloading hook on this module moves both.
+    `value_proj` (W_V, shared by the branches) and `key_proj` (the keys of all branches, part of the gate) are
+    ordinary `nn.Linear`s, so PEFT can wrap the gating keys alone (LoRA, LN-tuning); while both are plain, unhooked
+    Linears their weights are concatenated into one matmul, otherwise each is called through its own forward.
     """
 
     def __init__(self, config: EngramConfig):
         super().__init__()
-        self.value_size = config.hidden_size
-        self.value_weight = nn.Parameter(torch.empty(config.hidden_size, config.engram_dim))
-        self.key_weight = nn.Parameter(torch.empty(config.hc_mult * config.hidden_size, config.engram_dim))
+        self.value_proj = nn.Linear(config.engram_dim, config.hidden_size, bias=False)
+        self.key_proj = nn.Linear(config.engram_dim, config.hc_mult * config.hidden_size, bias=False)
+
+    def _fusable(self) -> bool:
+        """Plain Linears nobody hooks (PEFT wrappers, Accelerate offload hooks and forward hooks need the calls)."""
+        return all(
+            type(proj) is nn.Linear and not hasattr(proj, "_hf_hook")
+            and not proj._forward_hooks and not proj._forward_pre_hooks
+            for proj in (self.value_proj, self.key_proj)
+        )
 
     def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = torch.cat([self.value_weight, self.key_weight])
-        value_and_keys = F.linear(rows.to(weight.dtype), weight)
-        return value_and_keys.split([self.value_size, self.key_weight.shape[0]], dim=-1)
-
-    def extra_repr(self) -> str:
-        return f"in={self.value_weight.shape[1]}, value={self.value_size}, keys={self.key_weight.shape[0]}"
+        if self._fusable():
+            weight = torch.cat([self.value_proj.weight, self.key_proj.weight])
+            value_and_keys = F.linear(rows.to(weight.dtype), weight)
+            return value_and_keys.split([self.value_proj.out_features, self.key_proj.out_features], dim=-1)
+        rows = rows.to(self.value_proj.weight.dtype)
+        return self.value_proj(rows), self.key_proj(rows)
 
 
 class EngramLayer(nn.Module):
@@ -109,9 +116,8 @@ class EngramLayer(nn.Module):
     Y = SiLU(Conv(RMSNorm(U))) + U. The value and the keys of all branches are one matmul (`kv_proj`).
     """
 
-    # The gate alpha's own parameters, by role (gating-only fine-tuning, gating_peft.py): the branch keys, a parameter
-    # of the fused value/key matmul, and the query/key norms, whole modules.
-    gating_key_parameters = ("kv_proj.key_weight",)
+    # Submodules that compute only the gate alpha, by role: what gating-only fine-tuning trains (gating_peft.py).
+    gating_projections = ("kv_proj.key_proj",)
     gating_norms = ("query_norm", "key_norm")
 
     def __init__(self, config: EngramConfig, layer_idx: int):

@@ -126,9 +126,6 @@ class EngramPreTrainedModel(PreTrainedModel):
             init.normal_(module.proj, mean=0.0, std=std)
             init.constant_(module.scale, DYNAMIC_SCALE_INIT)
             init.copy_(module.bias, module.static_bias())
-        elif isinstance(module, EngramKeyValue):
-            init.normal_(module.value_weight, mean=0.0, std=std)
-            init.normal_(module.key_weight, mean=0.0, std=std)
         elif isinstance(module, EngramTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)

@@ -22,8 +22,8 @@ def test_one_table_one_value_and_one_key_per_branch():
     model = tiny_model(hc_mult=4)
     engram = model.model.layers[0].engram
     assert engram.table.weight.shape == (sum(model.config.engram_table_sizes[0]), 8)
-    assert engram.kv_proj.value_weight.shape == (32, 32)  # [hidden, d_mem], shared by the 4 branches
-    assert engram.kv_proj.key_weight.shape == (4 * 32, 32)  # W_K^(1..4) stacked
+    assert engram.kv_proj.value_proj.weight.shape == (32, 32)  # [hidden, d_mem], shared by the 4 branches
+    assert engram.kv_proj.key_proj.weight.shape == (4 * 32, 32)  # W_K^(1..4) stacked
     assert engram.query_norm.weight.shape == engram.key_norm.weight.shape == (4, 32)
 
 
@@ -43,8 +43,8 @@ def test_fused_projection_equals_the_separate_projections():
     kv_proj = tiny_model(hc_mult=4).model.layers[0].engram.kv_proj
     rows = torch.randn(3, 5, 32)
     value, keys = kv_proj(rows)
-    torch.testing.assert_close(value, rows @ kv_proj.value_weight.T)
-    torch.testing.assert_close(keys, rows @ kv_proj.key_weight.T)
+    torch.testing.assert_close(value, rows @ kv_proj.value_proj.weight.T)
+    torch.testing.assert_close(keys, rows @ kv_proj.key_proj.weight.T)
 
 
 def test_peft_trains_only_the_gating_parameters():
@@ -56,7 +56,7 @@ def test_peft_trains_only_the_gating_parameters():
     with torch.no_grad():
         before = model(batch).logits
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".engram." in n}
-    config = LoraConfig(r=4, target_modules=[], target_parameters=["kv_proj.key_weight"],
+    config = LoraConfig(r=4, target_modules=[], target_parameters=["kv_proj.key_proj.weight"],
                         modules_to_save=["query_norm", "key_norm"])
     peft_model = get_peft_model(model, config)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]

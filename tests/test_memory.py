@@ -145,7 +145,7 @@ def test_host_tables_stay_put_when_the_model_moves(saved):
     _, path = saved
     loaded = load(path, engram_storage="host").to(torch.float64)
     assert loaded.model.layers[0].engram.table.weight.dtype == torch.float32
-    assert loaded.model.layers[0].engram.kv_proj.key_weight.dtype == torch.float64
+    assert loaded.model.layers[0].engram.kv_proj.key_proj.weight.dtype == torch.float64
     assert loaded(batch()).logits.dtype == torch.float64
 
 

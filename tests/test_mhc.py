@@ -27,7 +27,7 @@ def silence_engram(model: EngramForCausalLM) -> None:
     """Zero every Engram value projection: Engram then adds exactly 0 to the residual stream."""
     with torch.no_grad():
         for layer_id in model.config.engram_layer_ids:
-            model.model.layers[layer_id].engram.kv_proj.value_weight.zero_()
+            model.model.layers[layer_id].engram.kv_proj.value_proj.weight.zero_()
 
 
 def test_sinkhorn_rows_and_columns_sum_to_one():
