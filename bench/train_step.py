@@ -1,7 +1,8 @@
 """Training-step time and optimizer state vs table size: the same model with ~1e5 and ~1e7 table rows.
 
-    python bench/train_step.py                 # ~20 s on 2 idle CPU cores (minutes when shared), 4.2 GB peak
-    python bench/train_step.py --steps 30      # the run in docs/benchmarks.md
+    python bench/train_step.py                 # ~20 s on 2 idle CPU cores, 4.2 GB peak
+    python bench/train_step.py --steps 30      # the runs in docs/benchmarks.md
+    OMP_NUM_THREADS=1 python bench/train_step.py --steps 30   # on a shared machine (no busy-waiting threads)
 
 A step is forward + backward + gradient clipping + optimizer step + zero_grad, timed for both table sizes in
 alternation within one run (so machine load hits both alike); the ratio of the median step times, and the median

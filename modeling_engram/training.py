@@ -31,6 +31,8 @@ from torch.optim.adam import adam
 from transformers import Trainer
 
 from .memory import EngramTable
+from .modeling_engram import EngramPreTrainedModel
+from .moe import EngramTopKRouter
 
 logger = logging.getLogger(__name__)
 
@@ -252,13 +254,18 @@ def create_engram_optimizer(
     data-parallel training. Works in a plain loop, with `accelerate`, and with `transformers.Trainer`
     (`Trainer(..., optimizers=(create_engram_optimizer(model, lr=...), None))`; `EngramTrainer` does it for you).
 
-    Returns one `EngramAdamW` whose param groups are named "decay", "no_decay" and "engram_tables".
+    Returns one `EngramAdamW` whose param groups are named "decay", "no_decay" and "engram_tables". With DeepSeekMoE
+    layers it also calls `model.update_router_biases()` after every step (expert balancing, no gradient).
     """
     if table_lr_multiplier <= 0:
         raise ValueError(f"table_lr_multiplier={table_lr_multiplier} is invalid; it must be > 0.")
     set_sparse_table_grads(model, sparse_table_grads)
     groups = engram_parameter_groups(model, lr, weight_decay, table_lr_multiplier)
-    return EngramAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    optimizer = EngramAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    engram = next((m for m in model.modules() if isinstance(m, EngramPreTrainedModel)), None)
+    if engram is not None and any(isinstance(m, EngramTopKRouter) for m in engram.modules()):
+        optimizer.register_step_post_hook(lambda *_: engram.update_router_biases())
+    return optimizer
 
 
 def table_optimizer_state_bytes(optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[int, int]:

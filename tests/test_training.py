@@ -345,3 +345,16 @@ def test_engram_trainer_refuses_sparse_tables_under_fsdp(tmp_path):
     trainer.is_fsdp_enabled = True
     with pytest.raises(ValueError, match="do not work under DeepSpeed or FSDP.*sparse_table_grads=False"):
         trainer.create_optimizer()
+
+
+def test_engram_trainer_on_mhc_and_moe_balances_the_routers(tmp_path, text_data):
+    """With DeepSeekMoE layers the Engram optimizer moves the routers' balancing biases after every step."""
+    from conftest import BACKBONES
+
+    model = tiny_model(vocab_size=99, **BACKBONES["hc4-moe"])
+    biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert biases
+    trainer, recorder = train(model, training_args(tmp_path, max_steps=3), text_data)
+    assert all(recorder.sparse) and len(recorder.sparse) == 3
+    assert all(not torch.equal(model.get_buffer(name), bias) for name, bias in biases.items())
+    assert all(math.isfinite(loss) for loss in losses(trainer).values())
