@@ -13,7 +13,6 @@ Writes outputs/allocation_sweep.png and outputs/allocation_sweep.json; results a
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import time
@@ -27,15 +26,27 @@ from modeling_engram.allocation import allocate, config_with, count_parameters
 from modeling_engram.corpus import read_texts, stdlib_files, train_bpe_tokenizer
 from modeling_engram.memory import EngramTable
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_example_helpers():
-    """The batching and validation helpers of examples/main.py (one definition for the whole project)."""
-    spec = importlib.util.spec_from_file_location("engram_main_example", ROOT / "examples" / "main.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All texts' token ids, each followed by eos, as one stream."""
+    return torch.tensor([i for text in texts for i in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]])
+
+
+def random_batches(stream: torch.Tensor, batch_size: int, seq_len: int, steps: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=generator)
+        yield torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def validation_loss(model, stream: torch.Tensor, seq_len: int, max_chunks: int) -> float:
+    model.eval()
+    chunks = stream[: (len(stream) // seq_len) * seq_len].view(-1, seq_len)[:max_chunks]
+    loss = model(chunks, labels=chunks).loss.item()
+    model.train()
+    return loss
 
 
 def backbone(args, tokenizer, compressed: int) -> EngramConfig:
@@ -63,7 +74,7 @@ def optimizer_for(model: EngramForCausalLM, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 
-def train_one(config, token_map, helpers, train_stream, val_stream, args, seed: int, label: str) -> float:
+def train_one(config, token_map, train_stream, val_stream, args, seed: int, label: str) -> float:
     torch.manual_seed(seed)
     model = EngramForCausalLM(config)
     model.set_token_map(token_map)
@@ -73,7 +84,7 @@ def train_one(config, token_map, helpers, train_stream, val_stream, args, seed: 
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=args.steps, pct_start=0.1
     )
     model.train()
-    progress = tqdm(helpers.batches(train_stream, args.batch_size, args.seq_len, args.steps, seed),
+    progress = tqdm(random_batches(train_stream, args.batch_size, args.seq_len, args.steps, seed),
                     total=args.steps, desc=label, leave=False)
     for batch in progress:
         loss = model(batch, labels=batch).loss
@@ -83,7 +94,7 @@ def train_one(config, token_map, helpers, train_stream, val_stream, args, seed: 
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(loss=f"{loss.item():.3f}")
-    return helpers.validation_loss(model, val_stream, args.seq_len, max_chunks=args.val_chunks)
+    return validation_loss(model, val_stream, args.seq_len, max_chunks=args.val_chunks)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -132,13 +143,12 @@ def main():
     rhos = [float(r) for r in args.rhos.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    helpers = load_example_helpers()
     train_files, val_files = stdlib_files(args.max_files, 0)
     train_texts, val_texts = read_texts(train_files), read_texts(val_files)
     tokenizer = train_bpe_tokenizer(train_texts, args.vocab_size)
     token_map, compressed = build_token_map(tokenizer)
-    train_stream = helpers.token_stream(tokenizer, train_texts)
-    val_stream = helpers.token_stream(tokenizer, val_texts)
+    train_stream = token_stream(tokenizer, train_texts)
+    val_stream = token_stream(tokenizer, val_texts)
     tokens = args.steps * args.batch_size * args.seq_len
     print(f"corpus: {len(train_files)} train / {len(val_files)} validation files, {len(train_stream):,} train tokens, "
           f"{len(tokenizer)} BPE tokens -> {compressed} compressed; each model trains on {tokens:,} tokens")
@@ -155,7 +165,7 @@ def main():
         counts = count_parameters(config)
         for seed in seeds:
             label = f"rho={rho:.2f} seed={seed}"
-            loss = train_one(config, token_map, helpers, train_stream, val_stream, args, seed, label)
+            loss = train_one(config, token_map, train_stream, val_stream, args, seed, label)
             results.append(dict(
                 rho=rho, achieved_rho=allocation.achieved_rho, seed=seed, val_loss=loss,
                 n_routed_experts=allocation.n_routed_experts, engram_rows_per_head=allocation.engram_rows_per_head,
