@@ -12,7 +12,7 @@ It prints a table (parameters, FLOPs per token, tokens/s, validation loss and pe
 plot and a gate heatmap of validation text, saves the Engram model and tokenizer, reloads them with
 `AutoModelForCausalLM` / `AutoTokenizer` and generates. Everything goes to `--out` (default `outputs/main`).
 
-    python examples/main.py                              # the full default run (about 12 minutes on 2 CPU cores)
+    python examples/main.py                              # the full default run (about 11 minutes on 2 CPU cores)
     python examples/main.py --files my_corpus/*.txt      # your own text files
     python examples/main.py --dataset path/to/saved_dataset --text-column text
 """
@@ -184,7 +184,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--engram-width", type=int, default=128, help="n_embed_per_ngram (4 heads per order)")
     parser.add_argument("--table-rows", type=int, default=40_000, help="rows per head table (engram_vocab_size)")
-    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=100)
