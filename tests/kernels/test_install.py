@@ -42,8 +42,9 @@ def source_copy(tmp_path):
 
 
 def pip_install(*args, cwd):
+    # --ignore-installed: without it pip uninstalls the environment's own install of the project first.
     run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                          "--disable-pip-version-check", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+                          "--disable-pip-version-check", "--ignore-installed", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
 
