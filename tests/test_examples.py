@@ -61,3 +61,24 @@ def test_readme_training_snippet_runs(tmp_path, monkeypatch, tiny_tokenizer):
     exec(code.replace("max_steps=200", "max_steps=2"), scope)
     assert [group["name"] for group in scope["optimizer"].param_groups] == ["decay", "no_decay", "engram_tables"]
     assert model.model.layers[0].engram.table.sparse and not torch.equal(model.model.layers[0].engram.table.weight, table)
+
+
+def test_main_job_trains_on_a_saved_datasets_dataset(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from modeling_engram.corpus import read_texts, stdlib_files
+
+    train, validation = stdlib_files(max_files=20)
+    data = DatasetDict({"train": Dataset.from_dict({"body": read_texts(train)}),
+                        "validation": Dataset.from_dict({"body": read_texts(validation)})})
+    data.save_to_disk(tmp_path / "data")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "main.py"), "--dataset", str(tmp_path / "data"), "--text-column",
+         "body", "--steps", "4", "--eval-every", "2", "--vocab-size", "600", "--seq-len", "64", "--batch-size", "4",
+         "--hidden", "64", "--table-rows", "2000", "--engram-width", "32", "--val-blocks", "8", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "corpus: 18 train / 2 validation documents (dataset)" in result.stdout
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 2
