@@ -194,16 +194,12 @@ class EngramTable(nn.Embedding):
         sizes = torch.tensor(self.table_sizes, dtype=torch.long)
         return torch.cumsum(sizes, 0) - sizes
 
-    @property
-    def num_rows(self) -> int:
-        return sum(self.table_sizes)
-
     def attach(self, weight: torch.Tensor, requires_grad: bool) -> None:
         """Install a storage tensor (host memory or a memory map) as this table's weight."""
-        if tuple(weight.shape) != (self.num_rows, self.head_dim):
+        if tuple(weight.shape) != (self.num_embeddings, self.head_dim):
             raise ValueError(
                 f"Engram table weight has shape {tuple(weight.shape)}, the config needs "
-                f"({self.num_rows}, {self.head_dim}) (rows from engram_table_sizes, n_embed_per_ngram / heads)."
+                f"({self.num_embeddings}, {self.head_dim}) (rows from engram_table_sizes, n_embed_per_ngram / heads)."
             )
         self.weight = nn.Parameter(weight, requires_grad=requires_grad)
 
@@ -279,7 +275,7 @@ class EngramTable(nn.Embedding):
     def extra_repr(self) -> str:
         cache = f", cache_rows={self.cache.capacity}" if self.cache is not None else ""
         return (
-            f"heads={len(self.table_sizes)}, rows={self.num_rows}, head_dim={self.head_dim}, "
+            f"heads={len(self.table_sizes)}, rows={self.num_embeddings}, head_dim={self.head_dim}, "
             f"storage={self.storage}{cache}"
         )
 
