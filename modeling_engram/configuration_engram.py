@@ -12,6 +12,9 @@ from transformers.modeling_rope_utils import RopeParameters
 INT64_MAX = 2**63 - 1
 ENGRAM_STORAGES = ("device", "host", "disk")
 ENGRAM_KERNELS = ("auto", "triton", "torch")
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+# An Engram layer keeps conv states next to its KV cache: transformers' "hybrid" cache layers (full or sliding).
+ENGRAM_LAYER_TYPES = {"full_attention": "hybrid", "sliding_attention": "hybrid_sliding"}
 LAYER_SEED_PRIME = 10007
 _MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 
@@ -83,6 +86,19 @@ class EngramConfig(PreTrainedConfig):
     r"""
     Configuration of an Engram model: a Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) with
     Engram conditional memory before attention at `engram_layer_ids`.
+
+    Attention variants (what the pretrained families `EngramForCausalLM.from_base_model` takes over need):
+        attention_bias: bias on the q/k/v projections (and on the output projection, unless
+            `attention_output_bias` says otherwise). Qwen2: q/k/v biased, output not.
+        attention_output_bias: bias on the output projection; None = `attention_bias`.
+        qk_norm: RMSNorm over each query and key head before RoPE (Qwen3).
+        sliding_window: the window of the sliding-attention layers (Mistral: every layer; Qwen2/3: the layers
+            `layer_types` marks "sliding_attention"). None = full attention everywhere.
+        layer_types: "full_attention" or "sliding_attention" per layer (default: all sliding when
+            `sliding_window` is set, else all full). Stored with Engram layers as transformers' cache types
+            "hybrid" / "hybrid_sliding" (KV cache plus the Engram conv states).
+        engram_base_model: where a retrofitted model's backbone came from (`from_base_model`): name or path,
+            `gguf_file`, architecture and a fingerprint of its weights; read by `from_engram_adapter`.
 
     Residual stream (mHC, Xie et al. 2025, "mHC: Manifold-Constrained Hyper-Connections"):
         hc_mult: number of residual branches M (1 = a plain residual, no hyper-connection parameters).
@@ -156,6 +172,9 @@ class EngramConfig(PreTrainedConfig):
     attention_bias: bool = False
     attention_dropout: int | float | None = 0.0
     mlp_bias: bool = False
+    attention_output_bias: bool | None = None
+    qk_norm: bool = False
+    sliding_window: int | None = None
 
     hc_mult: int = 1
     hc_sinkhorn_iters: int = 20
@@ -184,6 +203,7 @@ class EngramConfig(PreTrainedConfig):
     engram_kernel: str = "auto"
     layer_types: list[str] | None = None
     number_of_conv_states: int = 2
+    engram_base_model: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -203,7 +223,8 @@ class EngramConfig(PreTrainedConfig):
         self._validate_backbone()
         # Engram layers keep two generation states next to their KV cache: short-conv inputs and token history.
         self.layer_types = [
-            "hybrid" if i in self.engram_layer_ids else "full_attention" for i in range(self.num_hidden_layers)
+            ENGRAM_LAYER_TYPES[kind] if i in self.engram_layer_ids else kind
+            for i, kind in enumerate(self._attention_types())
         ]
         self.number_of_conv_states = 2
         sizes = engram_table_sizes(self.engram_layer_ids, self.engram_vocab_size, self.n_head_per_ngram)
@@ -257,6 +278,8 @@ class EngramConfig(PreTrainedConfig):
             fail("engram_kernel", self.engram_kernel, f"it must be one of {ENGRAM_KERNELS}")
         if self.engram_cache_rows < 0:
             fail("engram_cache_rows", self.engram_cache_rows, "it must be >= 0 (0 disables the hot-row cache)")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            fail("sliding_window", self.sliding_window, "it must be >= 1, or None for full attention")
         if not 0 <= self.engram_pad_id < self.vocab_size:
             fail("engram_pad_id", self.engram_pad_id, f"it must be a raw token id in [0, {self.vocab_size - 1}]")
 
@@ -284,6 +307,26 @@ class EngramConfig(PreTrainedConfig):
             fail("routed_scaling_factor", self.routed_scaling_factor, "it must be > 0")
         if not self.router_bias_update_speed >= 0:
             fail("router_bias_update_speed", self.router_bias_update_speed, "it must be >= 0")
+
+    def _attention_types(self) -> list[str]:
+        """ "full_attention" / "sliding_attention" per layer, from `layer_types` (Engram cache types read back)."""
+        if self.layer_types is None:
+            return [ATTENTION_TYPES[self.sliding_window is not None]] * self.num_hidden_layers
+        plain = {engram: kind for kind, engram in ENGRAM_LAYER_TYPES.items()}
+        kinds = [plain.get(kind, kind) for kind in self.layer_types]
+        if len(kinds) != self.num_hidden_layers or not set(kinds) <= set(ATTENTION_TYPES):
+            raise ValueError(
+                f"EngramConfig: layer_types={self.layer_types!r} is invalid; it needs one of {ATTENTION_TYPES} per "
+                f"layer ({self.num_hidden_layers} entries)."
+            )
+        if "sliding_attention" in kinds and self.sliding_window is None:
+            raise ValueError("EngramConfig: layer_types has sliding_attention layers but sliding_window is None.")
+        return kinds
+
+    def attention_type(self, layer_idx: int) -> str:
+        """ "full_attention" or "sliding_attention": which causal mask layer `layer_idx` attends with."""
+        sliding = self.layer_types[layer_idx] in ("sliding_attention", ENGRAM_LAYER_TYPES["sliding_attention"])
+        return ATTENTION_TYPES[sliding]
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` has a DeepSeekMoE FFN (else the dense SwiGLU MLP)."""

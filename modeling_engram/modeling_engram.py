@@ -10,17 +10,25 @@ This file and the same-folder modules it imports (`from .module import name`, no
 """
 
 import importlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -33,6 +41,74 @@ from .memory import EXTERNAL_TABLES, EngramTable, RowFetch, attach_checkpoint_ta
 from .mhc import DYNAMIC_SCALE_INIT, HyperConnection, HyperHead, PlainResidual
 from .moe import EngramExperts, EngramMoE, EngramTopKRouter
 from .placement import resolve_table_placement
+
+
+def _package_helper(name: str):
+    """A helper module of the installed modeling_engram package (hub, retrofit), or None: helpers are never exported
+    with a model, so code loaded with trust_remote_code runs without them."""
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.{name}":
+            raise
+        return None
+
+
+def _retrofit_helper():
+    retrofit = _package_helper("retrofit")
+    if retrofit is None:
+        raise ImportError("retrofitting needs the modeling_engram package installed (pip install modeling_engram).")
+    return retrofit
+
+
+class EngramAttention(LlamaAttention):
+    """Llama's attention plus the variants of the families a retrofit takes over: an output projection with its own
+    bias setting (Qwen2: q/k/v biased, output not), an RMSNorm over each query and key head before RoPE (Qwen3), and
+    a sliding window on the layers `config.layer_types` marks (Mistral, Qwen2/3). Parameter names are the families'
+    own (`q_norm`, `k_norm`), so their checkpoints load as they are."""
+
+    def __init__(self, config: EngramConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        output_bias = config.attention_bias if config.attention_output_bias is None else config.attention_output_bias
+        if output_bias != config.attention_bias:
+            self.o_proj = nn.Linear(self.o_proj.in_features, self.o_proj.out_features, bias=output_bias)
+        self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        sliding = config.attention_type(layer_idx) == "sliding_attention"
+        self.sliding_window = config.sliding_window if sliding else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
 class EngramDecoderLayer(GradientCheckpointingLayer):
@@ -48,7 +124,7 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_idx = layer_idx
         self.engram = EngramLayer(config, layer_idx) if layer_idx in config.engram_layer_ids else None
-        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = EngramAttention(config=config, layer_idx=layer_idx)
         self.mlp = EngramMoE(config) if config.is_moe_layer(layer_idx) else LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -106,7 +182,7 @@ class EngramPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_record_outputs = {"hidden_states": EngramDecoderLayer, "attentions": LlamaAttention}
+    _can_record_outputs = {"hidden_states": EngramDecoderLayer, "attentions": EngramAttention}
     # Host/disk tables are read by `attach_checkpoint_tables`, so transformers must not load (or warn about) them.
     _keys_to_ignore_on_load_unexpected = [r"engram\.table\.weight$"]
 
@@ -173,13 +249,8 @@ class EngramPreTrainedModel(PreTrainedModel):
     def push_to_hub(self, repo_id: str, **kwargs):
         """transformers' push_to_hub; with the modeling_engram package installed, the commit also carries the Engram
         model card (see `modeling_engram.hub.push_to_hub` for the card options and `tokenizer=`)."""
-        try:  # the package's hub helper is never exported, so code loaded with trust_remote_code falls back
-            hub = importlib.import_module(f"{__package__}.hub")
-        except ModuleNotFoundError as error:
-            if error.name != f"{__package__}.hub":
-                raise
-            return super().push_to_hub(repo_id, **kwargs)
-        return hub.push_to_hub(self, repo_id, **kwargs)
+        hub = _package_helper("hub")
+        return super().push_to_hub(repo_id, **kwargs) if hub is None else hub.push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -317,13 +388,11 @@ class EngramModel(EngramPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           cache=cache, position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if self.config.sliding_window is not None:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         token_mask = None
         if attention_mask is not None and attention_mask.ndim == 2:
             token_mask = attention_mask[:, -input_ids.shape[1] :]
@@ -332,10 +401,10 @@ class EngramModel(EngramPreTrainedModel):
 
         hidden_states = inputs_embeds.repeat(1, 1, self.config.hc_mult)  # M copies of the embedding
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             hidden_states = decoder_layer(
                 hidden_states,
-                attention_mask=causal_mask,
+                attention_mask=masks[self.config.attention_type(layer_idx)],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 cache=cache,
@@ -360,6 +429,20 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_base_model(cls, base, tokenizer=None, engram_layer_ids: list[int] | None = None, **kwargs):
+        """Add Engram memory to a pretrained Llama, Mistral, Qwen2 or Qwen3 causal LM (a loaded model, or a path /
+        repo id with `from_pretrained` keywords such as `gguf_file=`); before training it computes the base model's
+        function exactly. Engram fields (`n_head_per_ngram`, `engram_vocab_size`, ...) go in `kwargs`. See
+        `modeling_engram.retrofit`."""
+        return _retrofit_helper().from_base_model(base, tokenizer, engram_layer_ids, model_class=cls, **kwargs)
+
+    @classmethod
+    def from_engram_adapter(cls, adapter, base=None, **kwargs):
+        """Load a compact Engram adapter (`save_engram_adapter` / `push_engram_adapter`: only the Engram tensors)
+        over its base model, by default the one it records. See `modeling_engram.retrofit`."""
+        return _retrofit_helper().from_engram_adapter(adapter, base, model_class=cls, **kwargs)
 
     @can_return_tuple
     def forward(
