@@ -380,6 +380,10 @@ def from_engram_adapter(
                        **base_kwargs}
     base, _, _ = load_base_model(base, load_tokenizer=False, **base_kwargs)
     check_base_model(base)
+    if recorded.get("architecture", type(base).__name__) != type(base).__name__:
+        raise ValueError(
+            f"adapter {adapter} was made over a {recorded['architecture']}; the base given is a {type(base).__name__}."
+        )
     differing = _differing_backbone_fields(config, backbone_fields(base.config))
     if differing:
         raise ValueError(f"adapter {adapter} was made over another backbone: {'; '.join(differing)}.")
