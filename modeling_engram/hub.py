@@ -6,6 +6,7 @@ with `trust_remote_code=True` works without it.
 
 import ast
 import importlib.resources
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -82,6 +83,13 @@ def _table_dtype(config, model) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+def base_model_repo_id(config) -> str | None:
+    """The Hub repo id a retrofitted model was made from (`engram_base_model`), for the card's `base_model`; None for
+    a model trained from scratch or made from a local folder (the Hub accepts repo ids only there)."""
+    name = (getattr(config, "engram_base_model", None) or {}).get("name_or_path") or ""
+    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) else None
+
+
 def _eval_result(result: EvalResult | dict) -> EvalResult:
     if isinstance(result, EvalResult):
         return result
@@ -127,6 +135,7 @@ def model_card(
         tags=CARD_TAGS + [t for t in tags or [] if t not in CARD_TAGS],
         license=license,
         datasets=datasets,
+        base_model=base_model_repo_id(config),
         model_name=model_name if results else None,
         eval_results=results or None,
     )

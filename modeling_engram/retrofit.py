@@ -28,6 +28,7 @@ from torch import nn
 
 from .configuration_engram import EngramConfig
 from .engram_layer import EngramLayer
+from .hub import base_model_repo_id
 from .memory import EXTERNAL_TABLES, EngramTable
 from .modeling_engram import EngramForCausalLM
 from .token_map import build_token_map
@@ -428,7 +429,7 @@ def push_engram_adapter(
     with tempfile.TemporaryDirectory() as folder:
         save_engram_adapter(model, folder)
         data = ModelCardData(library_name="transformers", tags=["engram", "conditional-memory", "engram-adapter"],
-                             base_model=recorded.get("name_or_path"))
+                             base_model=base_model_repo_id(model.config))
         card = ModelCard.from_template(
             data, template_str=ADAPTER_CARD, repo_id=repo_id, base=json.dumps(recorded.get("name_or_path")),
             layers=model.config.engram_layer_ids,

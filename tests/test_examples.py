@@ -82,3 +82,28 @@ def test_main_job_trains_on_a_saved_datasets_dataset(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "corpus: 18 train / 2 validation documents (dataset)" in result.stdout
     assert len(json.loads((out / "results.json").read_text())["rows"]) == 2
+
+
+def test_retrofit_example_reports_all_four_models_on_a_tiny_base(tmp_path, tiny_tokenizer):
+    """examples/retrofit.py end to end on a tiny saved Llama (the default SmolLM2 run is timed in the README)."""
+    from test_retrofit import save_tiny_base
+
+    base = save_tiny_base("llama", tmp_path / "base")
+    tiny_tokenizer.save_pretrained(base)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "retrofit.py"), "--base", str(base), "--gguf-file", "",
+         "--max-files", "12", "--steps", "4", "--batch-size", "2", "--block-size", "32", "--eval-blocks", "4",
+         "--heads", "2", "--engram-width", "32", "--table-rows", "500", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["model"]: row for row in results["rows"]}
+    assert list(rows) == ["base", "Engram-only", "LoRA-only", "Engram + LoRA"]
+    assert all(math.isfinite(row["domain_loss"]) and math.isfinite(row["general_loss"]) for row in rows.values())
+    assert rows["LoRA-only"]["domain_loss"] != rows["base"]["domain_loss"]
+    assert rows["Engram-only"]["trainable"] > rows["LoRA-only"]["trainable"] > 0  # the tables
+    assert "| Engram + LoRA |" in result.stdout
+    for name in ("loss_curves.png", "gate_heatmap.png", "gate_heatmap.html"):
+        assert (out / name).stat().st_size > 1000, name

