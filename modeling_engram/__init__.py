@@ -4,8 +4,8 @@ Importing this package registers `EngramConfig` (model_type "engram"), `EngramMo
 with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, and marks them for code export: `save_pretrained` writes
 an `auto_map` and copies the model code, so the folder loads with `trust_remote_code=True` where this package is not
 installed. Where PEFT is installed, it also makes the gating projections LoRA's default targets on Engram models.
-The training helpers (`create_engram_optimizer`, `EngramTrainer`, `text_blocks_dataset`) load on first use, since
-loading a model needs none of them.
+The training and retrofit helpers (`create_engram_optimizer`, `EngramTrainer`, `text_blocks_dataset`,
+`freeze_backbone`, `save_engram_adapter`, ...) load on first use, since loading a model needs none of them.
 """
 
 import importlib
@@ -39,6 +39,10 @@ _LAZY = {
     "text_blocks_dataset": ".data",
     "texts_blocks_dataset": ".data",
     "gate_heatmap": ".visualize",
+    "backbone_lora_config": ".retrofit",
+    "freeze_backbone": ".retrofit",
+    "push_engram_adapter": ".retrofit",
+    "save_engram_adapter": ".retrofit",
 }
 
 

@@ -213,7 +213,10 @@ def from_base_model(
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Give every tensor still on the meta device (Engram's, non-persistent buffers) real, uninitialised memory."""
+    """Give every tensor still on the meta device (Engram's, non-persistent buffers) real, uninitialised memory.
+
+    Parameters take `dtype` (the base's); buffers keep the dtype they were built with (RoPE's inv_freq stays fp32,
+    as in the base)."""
     pin = torch.cuda.is_available()
     for module in model.modules():
         host = isinstance(module, EngramTable) and module.storage == "host"
@@ -221,10 +224,10 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
             for name, tensor in registry.items():
                 if tensor is None or not tensor.is_meta:
                     continue
-                floating = dtype if tensor.is_floating_point() else tensor.dtype
-                value = torch.empty(tensor.shape, dtype=floating, device="cpu" if host else device,
-                                    pin_memory=host and pin)
-                registry[name] = nn.Parameter(value, tensor.requires_grad) if registry is module._parameters else value
+                parameter = registry is module._parameters
+                value = torch.empty(tensor.shape, dtype=dtype if parameter else tensor.dtype,
+                                    device="cpu" if host else device, pin_memory=host and pin)
+                registry[name] = nn.Parameter(value, tensor.requires_grad) if parameter else value
 
 
 def _build(base: nn.Module, config: EngramConfig, model_class: type[EngramForCausalLM]) -> EngramForCausalLM:
@@ -418,7 +421,7 @@ def push_engram_adapter(
     commit_message: str = "Upload Engram adapter",
     revision: str | None = None,
 ) -> str:
-    """Push the compact form to the Hub (one commit, with a model card naming the base model). Returns the commit URL."""
+    """Push the compact form to the Hub: one commit, with a model card naming the base model. Returns the commit."""
     import tempfile
 
     from huggingface_hub import HfApi, ModelCard, ModelCardData

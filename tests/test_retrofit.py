@@ -95,6 +95,16 @@ def test_each_family_is_exact_at_step_0(family_base, tokenizer):
                        greedy(base, padded, attention_mask=padded_mask)), f"{family} left padding"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_bases_are_taken_over_exactly(tmp_path, tokenizer, dtype):
+    base = AutoModelForCausalLM.from_pretrained(save_tiny_base("qwen3", tmp_path / "base"), dtype=dtype).eval()
+    model = EngramForCausalLM.from_base_model(base, tokenizer, **ENGRAM).eval()
+    assert {p.dtype for p in model.parameters()} == {dtype}, "Engram's tensors take the base's dtype"
+    ids = prompts(length=20)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)
+
+
 def test_engram_learns_from_the_first_step(family_base, tokenizer):
     _, folder, _ = family_base
     model = EngramForCausalLM.from_base_model(str(folder), tokenizer, **ENGRAM).train()
@@ -102,7 +112,7 @@ def test_engram_learns_from_the_first_step(family_base, tokenizer):
     optimizer = create_engram_optimizer(model, lr=1e-2)
     ids = prompts(length=24)
     model(ids, labels=ids).loss.backward()
-    assert engram.kv_proj.value_proj.weight.grad.abs().sum() > 0, "the zero-initialised value projection gets a gradient"
+    assert engram.kv_proj.value_proj.weight.grad.abs().sum() > 0, "the zero-initialised values get a gradient"
     optimizer.step()
     optimizer.zero_grad()
     model(ids, labels=ids).loss.backward()
