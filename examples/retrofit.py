@@ -159,7 +159,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--eval-blocks", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps // 10)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-2,
+                        help="learning rate (the best of 1e-3, 1e-2, 3e-2 for both: bench/retrofit_sweep.py)")
     parser.add_argument("--table-lr-multiplier", type=float, default=5.0)
     parser.add_argument("--max-files", type=int, default=None, help="standard-library files to use (default all)")
     parser.add_argument("--out", type=Path, default=Path("outputs/retrofit"))

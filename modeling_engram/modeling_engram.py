@@ -2,11 +2,13 @@
 
 The backbone is transformers' Llama (RMSNorm, RoPE, grouped-query attention through the attention interface,
 SwiGLU MLP), reused rather than copied, with the paper's options: an mHC residual of `hc_mult` branches (mhc.py)
-and DeepSeekMoE FFNs (moe.py). Engram sits before attention at `config.engram_layer_ids`. The hash ids of every
-Engram layer are computed once, at model entry, from the token ids alone.
+and DeepSeekMoE FFNs (moe.py). `EngramAttention` adds the attention variants of the families a retrofit takes over
+(Mistral, Qwen2, Qwen3: output-projection bias, q/k norms, sliding windows). Engram sits before attention at
+`config.engram_layer_ids`. The hash ids of every Engram layer are computed once, at model entry, from the token ids
+alone.
 
 This file and the same-folder modules it imports (`from .module import name`, nothing else) are what
-`save_pretrained` exports for `trust_remote_code`; package helpers (token map, hub) stay out of it.
+`save_pretrained` exports for `trust_remote_code`; package helpers (token map, hub, retrofit) stay out of it.
 """
 
 import importlib
