@@ -32,7 +32,7 @@ from modeling_engram import EngramConfig, EngramForCausalLM, build_token_map, cr
 from modeling_engram.allocation import config_with, count_parameters, flops_per_token
 from modeling_engram.corpus import read_texts, stdlib_files, train_bpe_tokenizer
 from modeling_engram.data import text_blocks_dataset, texts_blocks_dataset
-from modeling_engram.visualize import gate_heatmap
+from modeling_engram.visualize import gate_heatmap, plot_loss_curves
 
 PROMPT = "def main():\n    "
 
@@ -128,30 +128,6 @@ def train(name, model, train_blocks, val_loader, args) -> dict:
     return {"train_loss": curve, "val_loss": val_curve, "tokens_per_second": step * ids.numel() / seconds}
 
 
-def plot_curves(results: dict, path: Path, smooth: int = 25) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    for (name, result), color in zip(results.items(), ["tab:red", "tab:blue"]):
-        train_loss = torch.tensor(result["train_loss"])
-        kernel = min(smooth, len(train_loss))
-        smoothed = torch.nn.functional.avg_pool1d(train_loss[None, None], kernel, stride=1)[0, 0]
-        axis.plot(range(kernel, len(train_loss) + 1), smoothed, color=color, alpha=0.45, label=f"{name} train")
-        steps, values = zip(*result["val_loss"])
-        axis.plot(steps, values, "o-", color=color, label=f"{name} validation")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss (nats/token)")
-    axis.set_title("Engram vs compute-matched twin")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def report(configs: dict, results: dict, seq_len: int) -> list[dict]:
     rows = []
     for name, config in configs.items():
@@ -218,7 +194,9 @@ def main():
         models[name].set_token_map(token_map)
         results[name] = train(name, models[name], train_blocks, val_loader, args)
     rows = report(configs, results, args.seq_len)
-    plot_curves(results, args.out / "loss_curves.png")
+    plot_loss_curves({name: result["train_loss"] for name, result in results.items()}, args.out / "loss_curves.png",
+                     "Engram vs compute-matched twin",
+                     validation={name: result["val_loss"] for name, result in results.items()})
 
     engram = models["Engram"].eval()
     sample = read_texts(val_source[:1])[0] if kind == "files" else val_source[0][args.text_column]

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 from modeling_engram import EngramForCausalLM, create_engram_optimizer, text_blocks_dataset
 from modeling_engram.corpus import read_texts, stdlib_files
 from modeling_engram.retrofit import backbone_lora_config, freeze_backbone
-from modeling_engram.visualize import gate_heatmap
+from modeling_engram.visualize import gate_heatmap, plot_loss_curves
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GENERAL_TEXT = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
@@ -109,28 +109,6 @@ def train(name, model, train_blocks, args) -> dict:
         seconds += time.perf_counter() - started
         losses.append(loss.item())
     return {"train_loss": losses, "seconds_per_step": seconds / args.steps}
-
-
-def plot_curves(results: dict, path: Path, smooth: int = 5) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    for name, result in results.items():
-        losses = torch.tensor(result["train_loss"])
-        kernel = min(smooth, len(losses))
-        smoothed = torch.nn.functional.avg_pool1d(losses[None, None], kernel, stride=1)[0, 0]
-        axis.plot(range(kernel, len(losses) + 1), smoothed, label=f"{name} (train, {kernel}-step mean)")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss (nats/token)")
-    axis.set_title("SmolLM2-135M fine-tuned on domain text")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def report(rows: list[dict]) -> None:
@@ -222,7 +200,8 @@ def main():
     print(f"Engram at layer {args.layer}: {dense / 1e6:.2f}M dense + {tables / 1e6:.2f}M table parameters; "
           f"LoRA rank {rank} on every backbone linear: {lora_count / 1e6:.2f}M")
     report(rows)
-    plot_curves(curves, args.out / "loss_curves.png")
+    plot_loss_curves({name: curve["train_loss"] for name, curve in curves.items()}, args.out / "loss_curves.png",
+                     "SmolLM2-135M fine-tuned on domain text", smooth=5)
     (args.out / "results.json").write_text(json.dumps(
         {"rows": rows, "lora_rank": rank, "args": {k: str(v) for k, v in vars(args).items()}, "curves": curves},
         indent=1))

@@ -1,4 +1,5 @@
-"""Where the memory fires: per-token Engram gate values (paper Figure 7 style) as a PNG and as HTML."""
+"""Plots: where the memory fires (per-token Engram gate values, paper Figure 7 style, as PNG and HTML) and loss
+curves."""
 
 import html
 from pathlib import Path
@@ -112,4 +113,38 @@ def gate_heatmap(model, tokenizer, text: str, path: str | Path, max_tokens: int 
     return gates
 
 
-__all__ = ["gate_heatmap", "gate_values"]
+def plot_loss_curves(
+    train_losses: dict[str, list[float]],
+    path: str | Path,
+    title: str,
+    smooth: int = 25,
+    validation: dict[str, list[tuple[int, float]]] | None = None,
+) -> None:
+    """One PNG of several runs' training losses (`smooth`-step running means) and, if given, validation points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for index, (name, losses) in enumerate(train_losses.items()):
+        color = f"C{index}"
+        losses = torch.tensor(losses)
+        kernel = min(smooth, len(losses))
+        smoothed = torch.nn.functional.avg_pool1d(losses[None, None], kernel, stride=1)[0, 0]
+        axis.plot(range(kernel, len(losses) + 1), smoothed, color=color, alpha=0.45 if validation else 1.0,
+                  label=f"{name} train ({kernel}-step mean)")
+        if validation and validation.get(name):
+            steps, values = zip(*validation[name])
+            axis.plot(steps, values, "o-", color=color, label=f"{name} validation")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (nats/token)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+__all__ = ["gate_heatmap", "gate_values", "plot_loss_curves"]

@@ -13,10 +13,11 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
                           MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, TrainingArguments)
 
-from modeling_engram import EngramForCausalLM, EngramTrainer, create_engram_optimizer, gating_peft_config
-from modeling_engram import text_blocks_dataset
+from modeling_engram import (EngramForCausalLM, EngramTrainer, create_engram_optimizer, gating_peft_config,
+                             text_blocks_dataset)
 from modeling_engram.retrofit import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, backbone_lora_config,
                                       engram_parameter_names, freeze_backbone, save_engram_adapter)
+from modeling_engram.training import engram_tables
 
 COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -268,6 +269,8 @@ def test_engram_plus_lora_trains_both_and_merges(tmp_path, tokenizer, blocks):
     assert not any("lora" in name and ".engram." in name for name in trainable), "no LoRA inside Engram"
     before = loss_on(peft_model, blocks)
     train(peft_model, blocks, tmp_path / "run")
+    trained_tables = [t for t in engram_tables(peft_model) if t.weight.requires_grad]
+    assert len(trained_tables) == 1 and trained_tables[0].sparse, "PEFT's trained copy of the table updates sparsely"
     after = loss_on(peft_model, blocks)
     assert after < before - 0.05
     merged = peft_model.merge_and_unload()
@@ -283,6 +286,7 @@ def test_full_training_moves_backbone_and_tables(tmp_path, tokenizer, blocks):
     before = loss_on(model, blocks)
     train(model, blocks, tmp_path / "run")
     assert loss_on(model, blocks) < before - 0.05
+    assert model.model.layers[1].engram.table.sparse
     assert not torch.equal(model.model.layers[1].engram.table.weight, table)
     assert sum(not torch.equal(t, backbone[n]) for n, t in backbone_state(model).items()) >= len(backbone) - 2
 
