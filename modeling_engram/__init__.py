@@ -40,9 +40,10 @@ _LAZY = {
     "texts_blocks_dataset": ".data",
     "gate_heatmap": ".visualize",
     "backbone_lora_config": ".retrofit",
+    "from_engram_adapter": ".engram_adapter",
     "freeze_backbone": ".retrofit",
-    "push_engram_adapter": ".retrofit",
-    "save_engram_adapter": ".retrofit",
+    "push_engram_adapter": ".engram_adapter",
+    "save_engram_adapter": ".engram_adapter",
 }
 
 

@@ -56,11 +56,11 @@ def _package_helper(name: str):
         return None
 
 
-def _retrofit_helper():
-    retrofit = _package_helper("retrofit")
-    if retrofit is None:
-        raise ImportError("retrofitting needs the modeling_engram package installed (pip install modeling_engram).")
-    return retrofit
+def _required_helper(name: str):
+    helper = _package_helper(name)
+    if helper is None:
+        raise ImportError(f"this needs the modeling_engram package installed ({name}.py is not exported with a model).")
+    return helper
 
 
 class EngramAttention(LlamaAttention):
@@ -438,13 +438,14 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
         repo id with `from_pretrained` keywords such as `gguf_file=`); before training it computes the base model's
         function exactly. Engram fields (`n_head_per_ngram`, `engram_vocab_size`, ...) go in `kwargs`. See
         `modeling_engram.retrofit`."""
-        return _retrofit_helper().from_base_model(base, tokenizer, engram_layer_ids, model_class=cls, **kwargs)
+        retrofit = _required_helper("retrofit")
+        return retrofit.from_base_model(base, tokenizer, engram_layer_ids, model_class=cls, **kwargs)
 
     @classmethod
     def from_engram_adapter(cls, adapter, base=None, **kwargs):
         """Load a compact Engram adapter (`save_engram_adapter` / `push_engram_adapter`: only the Engram tensors)
-        over its base model, by default the one it records. See `modeling_engram.retrofit`."""
-        return _retrofit_helper().from_engram_adapter(adapter, base, model_class=cls, **kwargs)
+        over its base model, by default the one it records. See `modeling_engram.engram_adapter`."""
+        return _required_helper("engram_adapter").from_engram_adapter(adapter, base, model_class=cls, **kwargs)
 
     @can_return_tuple
     def forward(

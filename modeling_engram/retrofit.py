@@ -14,13 +14,10 @@ turns a pretrained Llama, Mistral, Qwen2 or Qwen3 model into an `EngramForCausal
   model's function bit for bit. Its gradient is not zero (alpha * dL/du * e^T), so the first step moves it, and the
   tables, keys and conv learn from the second step on (the zero-init of LoRA's B and ControlNet's convs).
 
-The compact form (`save_engram_adapter`, `push_engram_adapter`, `from_engram_adapter`) holds only the Engram tensors
-and the config, with the base model's name or path and a fingerprint of its weights: a memory for a public base model
-is shared without re-uploading the base, and refused over a base whose architecture or weights differ.
+The compact form of a retrofitted model, only its Engram tensors over a named base, is `engram_adapter.py`.
 """
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -28,13 +25,10 @@ from torch import nn
 
 from .configuration_engram import EngramConfig
 from .engram_layer import EngramLayer
-from .hub import base_model_repo_id
 from .memory import EXTERNAL_TABLES, EngramTable
 from .modeling_engram import EngramForCausalLM
 from .token_map import build_token_map
 
-ADAPTER_CONFIG_NAME = "engram_adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "engram_adapter.safetensors"
 EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Largest |logit| difference the probe forward tolerates per dtype (the paths are the same ops: 0 is expected).
 PROBE_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 0.0, torch.float16: 0.0}
@@ -115,7 +109,7 @@ def backbone_fields(base_config) -> dict:
     return fields
 
 
-def _base_fingerprint(model: nn.Module) -> list[float]:
+def base_fingerprint(model: nn.Module) -> list[float]:
     """A few backbone weights as floats: enough to tell another base (or another quantisation of it) apart."""
     inner = model.model
     parts = [inner.embed_tokens.weight[:4, :8], inner.norm.weight[:8], inner.layers[0].self_attn.q_proj.weight[:2, :8]]
@@ -199,14 +193,14 @@ def from_base_model(
         engram_compressed_vocab_size=compressed_vocab_size,
         **{"engram_pad_id": pad_id, **engram_fields},
     )
-    model = _build(base, config, model_class)
+    model = build_over_base(base, config, model_class)
     model.set_token_map(token_map)
     for module in model.modules():
         if isinstance(module, EngramLayer):  # zero memory output at step 0, with a non-zero gradient
             nn.init.zeros_(module.kv_proj.value_proj.weight)
     model.config.engram_base_model = {
         **provenance, "architecture": type(base).__name__, "dtype": str(model.dtype).removeprefix("torch."),
-        "fingerprint": _base_fingerprint(model),
+        "fingerprint": base_fingerprint(model),
     }
     check_equals_base(model, base)
     return model
@@ -230,7 +224,7 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
                 registry[name] = nn.Parameter(value, tensor.requires_grad) if parameter else value
 
 
-def _build(base: nn.Module, config: EngramConfig, model_class: type[EngramForCausalLM]) -> EngramForCausalLM:
+def build_over_base(base: nn.Module, config: EngramConfig, model_class: type[EngramForCausalLM]) -> EngramForCausalLM:
     """An Engram model whose backbone tensors are `base`'s (assigned, not copied); Engram tensors initialised."""
     parameter = next(base.parameters())
     config.dtype = parameter.dtype
@@ -315,161 +309,14 @@ def backbone_lora_config(
     )
 
 
-def engram_state_dict(model: EngramForCausalLM) -> dict[str, torch.Tensor]:
-    """Only the Engram tensors of a model's state dict (what the compact adapter holds)."""
-    return {name: tensor for name, tensor in model.state_dict().items() if is_engram_key(name)}
-
-
-def save_engram_adapter(model: EngramForCausalLM, save_directory: str | Path) -> Path:
-    """Write the compact form: `engram_adapter_config.json` (the config, with the base model it was made over) and
-    `engram_adapter.safetensors` (the Engram tensors only). Returns the folder."""
-    from safetensors.torch import save_file
-
-    if model.config.engram_base_model is None:
-        raise ValueError("save_engram_adapter needs a retrofitted model (from_base_model); use save_pretrained.")
-    folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.to_json_file(folder / ADAPTER_CONFIG_NAME)
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in engram_state_dict(model).items()}
-    save_file(tensors, folder / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
-    return folder
-
-
-def _differing_backbone_fields(config: EngramConfig, derived: dict) -> list[str]:
-    """'field: adapter value vs base value' for every backbone field where `config` and a base's fields differ."""
-    differing = []
-    for name, value in derived.items():
-        if name == "layer_types":
-            have = [config.attention_type(i) for i in range(config.num_hidden_layers)]
-        else:
-            have = getattr(config, name)
-        if have != value:
-            differing.append(f"{name}: adapter {have!r}, base {value!r}")
-    return differing
-
-
-def _adapter_file(adapter: str | Path, filename: str, **hub_kwargs) -> Path:
-    local = Path(adapter) / filename
-    if local.is_file():
-        return local
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(str(adapter), filename, **hub_kwargs))
-
-
-def from_engram_adapter(
-    adapter: str | Path,
-    base=None,
-    *,
-    model_class: type[EngramForCausalLM] = EngramForCausalLM,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    **base_kwargs,
-) -> EngramForCausalLM:
-    """Load a compact Engram adapter (a folder or Hub repo id) over its base model.
-
-    `base`: a loaded model or a path / repo id; default: the one recorded in the adapter. Keywords go to the base's
-    `from_pretrained`. Raises a ValueError when the base's architecture, config or weights differ from the adapter's.
-    """
-    from safetensors.torch import load_file
-
-    hub_kwargs = {"revision": revision, "token": token}
-    config = EngramConfig.from_json_file(str(_adapter_file(adapter, ADAPTER_CONFIG_NAME, **hub_kwargs)))
-    recorded = config.engram_base_model or {}
-    if base is None:
-        if not recorded.get("name_or_path"):
-            raise ValueError(f"adapter {adapter} records no base model name or path; pass base=.")
-        base = recorded["name_or_path"]
-        base_kwargs = {**{k: recorded[k] for k in ("gguf_file", "revision", "subfolder") if k in recorded},
-                       **base_kwargs}
-    base, _, _ = load_base_model(base, load_tokenizer=False, **base_kwargs)
-    check_base_model(base)
-    if recorded.get("architecture", type(base).__name__) != type(base).__name__:
-        raise ValueError(
-            f"adapter {adapter} was made over a {recorded['architecture']}; the base given is a {type(base).__name__}."
-        )
-    differing = _differing_backbone_fields(config, backbone_fields(base.config))
-    if differing:
-        raise ValueError(f"adapter {adapter} was made over another backbone: {'; '.join(differing)}.")
-    model = _build(base, config, model_class)
-    expected = engram_state_dict(model)
-    tensors = load_file(str(_adapter_file(adapter, ADAPTER_WEIGHTS_NAME, **hub_kwargs)))
-    if tensors.keys() != expected.keys():
-        raise ValueError(
-            f"adapter {adapter} holds tensors {sorted(tensors.keys() ^ expected.keys())[:5]} that do not match its "
-            "config's Engram layers."
-        )
-    model.load_state_dict(tensors, strict=False)
-    model.base_model.hasher.check_token_map()
-    fingerprint = torch.tensor(_base_fingerprint(model))
-    if recorded.get("fingerprint") and not torch.allclose(
-        fingerprint, torch.tensor(recorded["fingerprint"]), rtol=1e-2, atol=1e-3
-    ):
-        raise ValueError(
-            f"the base model's weights differ from those adapter {adapter} was trained over "
-            f"({recorded.get('name_or_path')!r}, {recorded.get('architecture')}): its memory would not fit them."
-        )
-    return model
-
-
-def push_engram_adapter(
-    model: EngramForCausalLM,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    commit_message: str = "Upload Engram adapter",
-    revision: str | None = None,
-) -> str:
-    """Push the compact form to the Hub: one commit, with a model card naming the base model. Returns the commit."""
-    import tempfile
-
-    from huggingface_hub import HfApi, ModelCard, ModelCardData
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    recorded = model.config.engram_base_model or {}
-    with tempfile.TemporaryDirectory() as folder:
-        save_engram_adapter(model, folder)
-        data = ModelCardData(library_name="transformers", tags=["engram", "conditional-memory", "engram-adapter"],
-                             base_model=base_model_repo_id(model.config))
-        card = ModelCard.from_template(
-            data, template_str=ADAPTER_CARD, repo_id=repo_id, base=json.dumps(recorded.get("name_or_path")),
-            layers=model.config.engram_layer_ids,
-        )
-        card.save(Path(folder) / "README.md")
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                   revision=revision)
-    return str(commit)
-
-
-ADAPTER_CARD = """---
-{{ card_data }}
----
-
-# {{ repo_id }}
-
-An Engram memory (conditional memory, Cheng et al. 2026) at layers {{ layers }} for the base model {{ base }}:
-only the Engram tensors and their config, loaded over the base model with
-[modeling_engram](https://pypi.org/project/modeling-engram/):
-
-```python
-from modeling_engram import EngramForCausalLM
-
-model = EngramForCausalLM.from_engram_adapter("{{ repo_id }}")   # loads the base model it names, checks it fits
-```
-"""
-
-
 __all__ = [
+    "backbone_fields",
     "backbone_lora_config",
+    "build_over_base",
     "check_base_model",
     "engram_parameter_names",
-    "engram_state_dict",
     "freeze_backbone",
     "from_base_model",
-    "from_engram_adapter",
-    "push_engram_adapter",
-    "save_engram_adapter",
+    "load_base_model",
     "supported_architectures",
 ]

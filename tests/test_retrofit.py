@@ -15,8 +15,8 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
 
 from modeling_engram import (EngramForCausalLM, EngramTrainer, create_engram_optimizer, gating_peft_config,
                              text_blocks_dataset)
-from modeling_engram.retrofit import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, backbone_lora_config,
-                                      engram_parameter_names, freeze_backbone, save_engram_adapter)
+from modeling_engram.engram_adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, save_engram_adapter
+from modeling_engram.retrofit import backbone_lora_config, engram_parameter_names, freeze_backbone
 from modeling_engram.training import engram_tables
 
 COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -178,7 +178,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_tokenizer
 from test_retrofit import ENGRAM, save_tiny_base
 from modeling_engram import EngramForCausalLM
-from modeling_engram.retrofit import push_engram_adapter
+from modeling_engram.engram_adapter import push_engram_adapter
 
 base = save_tiny_base("qwen2", sys.argv[1])
 model = EngramForCausalLM.from_base_model(str(base), make_tiny_tokenizer(), **ENGRAM).eval()
