@@ -96,6 +96,16 @@ def test_each_family_is_exact_at_step_0(family_base, tokenizer):
                        greedy(base, padded, attention_mask=padded_mask)), f"{family} left padding"
 
 
+def test_a_base_path_brings_its_tokenizer(tmp_path, tokenizer):
+    from modeling_engram import build_token_map
+
+    folder = save_tiny_base("llama", tmp_path / "base")
+    tokenizer.save_pretrained(folder)
+    model = EngramForCausalLM.from_base_model(str(folder), **ENGRAM)  # no tokenizer: loaded from the folder
+    assert model.config.engram_base_model["name_or_path"] == str(folder)
+    assert torch.equal(model.model.hasher.token_map, build_token_map(tokenizer, vocab_size=128)[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_bases_are_taken_over_exactly(tmp_path, tokenizer, dtype):
     base = AutoModelForCausalLM.from_pretrained(save_tiny_base("qwen3", tmp_path / "base"), dtype=dtype).eval()
