@@ -1,4 +1,4 @@
-"""Retrofit: Engram memory for a pretrained causal LM, exact before training, and shared as a compact adapter.
+"""Retrofit: Engram memory for a pretrained causal LM, exact before training, and its training modes.
 
 `from_base_model(base, tokenizer, engram_layer_ids=[...], **engram_fields)` (also `EngramForCausalLM.from_base_model`)
 turns a pretrained Llama, Mistral, Qwen2 or Qwen3 model into an `EngramForCausalLM`:
