@@ -1,11 +1,11 @@
 """Why Engram-only retrofitting helps little in the example's budget: the same run with one setting changed at a time.
 
-Uses examples/retrofit.py's data, model and training loop (SmolLM2-135M, the standard-library corpus, 40 steps of
-8 x 64 tokens by default). Each variant trains Engram only (backbone frozen) and reports held-out domain and general
-loss against the base model; LoRA-only runs at two of the same learning rates for a fair reference. The example's
-learning rate (1e-2) is the best of this grid for both.
+Uses examples/retrofit.py's data, model, training loop and defaults (SmolLM2-135M, the standard-library corpus,
+steps of 8 x 64 tokens; docs/benchmarks.md records a run with --steps 40). Each variant trains Engram only
+(backbone frozen) and reports held-out domain and general loss against the base model; LoRA-only runs at two of
+the same learning rates for a fair reference. The example's learning rate (1e-2) is the best of this grid for both.
 
-    python bench/retrofit_sweep.py                       # about 30 minutes on 2 CPU cores
+    python bench/retrofit_sweep.py --steps 40            # about 30 minutes on 2 CPU cores
     python bench/retrofit_sweep.py --variants lr=1e-2,table_lr_multiplier=1 layer=15
 """
 
@@ -33,7 +33,7 @@ DEFAULT_VARIANTS = [
     "lr=1e-2,table_init_std=1",           # table rows at nn.Embedding's scale instead of 0.02
     "lr=1e-2,layer=15",                   # a middle layer
     "lr=1e-2,table_rows=2000",            # 10x smaller tables
-    "lr=1e-2,steps=120",                  # 3x the tokens
+    "lr=1e-2,steps=120",                  # 3x the tokens of a 40-step run
     "lora:lr=1e-3",                       # LoRA-only (the example's rank) at the same learning rates
     "lora:lr=1e-2",
 ]

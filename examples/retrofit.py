@@ -16,7 +16,7 @@ held-out domain text and on a general-text sample none of them trained on (Engli
 ships with Python), which shows what each keeps of the base model. It also writes loss curves, a gate heatmap of the
 retrofitted model on domain text, and `results.json` to `--out` (default `outputs/retrofit`).
 
-    python examples/retrofit.py                        # the default run (about 8 minutes on 2 CPU cores)
+    python examples/retrofit.py                        # the default run (about 7 minutes on 2 CPU cores)
     python examples/retrofit.py --files notes/*.md      # your own domain text
 """
 
@@ -132,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--table-rows", type=int, default=20_000, help="rows per head table")
     parser.add_argument("--table-init-std", type=float, default=None,
                         help="std of the initial table rows (default: the base config's initializer_range)")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--eval-blocks", type=int, default=24)
