@@ -40,6 +40,76 @@ def signed_sqrt_gate(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(scores.abs().clamp_min(1e-6).sqrt() * scores.sign())
 
 
+def squared_norm(hidden_states: torch.Tensor) -> torch.Tensor:
+    """sum(x**2) over the last dim in fp32, kept as a dim of 1, in one read of `hidden_states` (no squared copy)."""
+    return torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=torch.float32).square()
+
+
+def branch_dots(products: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_d products[..., m, d] * weight[m, d] for products [..., M, D], weight [M, D]: [..., M, 1].
+
+    Over many tokens one matrix-vector product per branch reads `products` once; a few tokens (decoding) take the
+    two-op multiply and sum, where the op count is the cost.
+    """
+    branches, dim = weight.shape
+    if products.numel() < 64 * branches * dim:
+        return (products * weight).sum(-1, keepdim=True)
+    return torch.stack([products[..., m, :] @ weight[m] for m in range(branches)], dim=-1).unsqueeze(-1)
+
+
+def normed_gate(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_weight: torch.Tensor,
+    key_weight: torch.Tensor,
+    eps: float,
+    overwrite_key: bool = False,
+) -> torch.Tensor:
+    """`signed_sqrt_gate(RMSNorm_q(query), RMSNorm_k(key))` for [..., M, D] inputs without materialising either
+    norm: a = (sum_d w_q w_k q k) * sqrt(D) / sqrt((|q|^2 + eps D) (|k|^2 + eps D)). [..., M, 1] in fp32.
+
+    The same value as the two `BranchRMSNorm`s and `signed_sqrt_gate`, up to float reassociation, in one product
+    pass over [..., M, D] instead of six. `overwrite_key` (inference only) computes the products in the key's memory.
+    """
+    dim = query.shape[-1]
+    denominator = (squared_norm(query) + eps * dim) * (squared_norm(key) + eps * dim)
+    products = key.mul_(query) if overwrite_key else query * key
+    scores = branch_dots(products, query_weight * key_weight) * torch.rsqrt(denominator / dim)
+    return torch.sigmoid(scores.abs().clamp_min(1e-6).sqrt() * scores.sign())
+
+
+def causal_depthwise_conv(inputs: torch.Tensor, taps: torch.Tensor, length: int, dilation: int) -> torch.Tensor:
+    """Causal depthwise Conv1D as K shifted multiply-adds over channels-last inputs (no transposes, no padding copy):
+    y[t] = sum_k taps[k] * x[t - (K - 1 - k) * dilation], positions before `inputs` reading zeros.
+
+    `inputs` [B, P + T, C]: P positions of left context (cache state, 0 <= P) then the T = `length` new ones;
+    `taps` [K, C] (`Conv1d.weight[:, 0].T`). Returns [B, T, C] in the taps' dtype (fp32 taps accumulate in fp32).
+    """
+    context = inputs.shape[1] - length
+    kernel = taps.shape[0]
+    if length == 1 and context == (kernel - 1) * dilation:  # a decode step: its K inputs in one strided view
+        return (inputs[:, ::dilation] * taps).sum(1, keepdim=True)
+    outputs = inputs[:, context:] * taps[kernel - 1]
+    for k in range(kernel - 1):
+        start = context - (kernel - 1 - k) * dilation
+        if start >= 0:
+            outputs.addcmul_(inputs[:, start : start + length], taps[k])
+        elif start + length > 0:
+            outputs[:, -start:].addcmul_(inputs[:, : start + length], taps[k])
+    return outputs
+
+
+def _plain(module: nn.Module, kind: type) -> bool:
+    """`module` is a `kind` itself (not a PEFT wrapper) that no forward hook or Accelerate hook (`_hf_hook`) watches,
+    so code may read its weights directly instead of calling it. (Reads `__dict__`: `hasattr` on a module costs an
+    exception per missing attribute, and this runs on every decode step.)"""
+    state = module.__dict__
+    return (
+        type(module) is kind and "_hf_hook" not in state
+        and not state["_forward_hooks"] and not state["_forward_pre_hooks"]
+    )
+
+
 class EngramGate(nn.Module):
     """The context-aware gate as a module (no parameters), so forward hooks can read alpha [B, T, M, 1]
     (`visualize.gate_heatmap` does)."""
@@ -52,7 +122,9 @@ class EngramShortConv(nn.Module):
     """Y = SiLU(causal depthwise Conv1D(x)), kernel `engram_kernel_size`, dilation `max_ngram_size`.
 
     Zero-initialised, so a fresh Engram layer is the identity path plus its gated values. With a cache, the last
-    (kernel - 1) * dilation inputs live in the layer's cache conv state, so decoding step by step equals one pass.
+    (kernel - 1) * dilation inputs live in the layer's cache conv state ([B, C, L], transformers' layout), so
+    decoding step by step equals one pass. The conv runs as K shifted multiply-adds (`causal_depthwise_conv`):
+    it has 2 K C FLOPs per token, too few for a convolution routine's layout changes to pay.
     """
 
     def __init__(self, config: EngramConfig, layer_idx: int):
@@ -66,26 +138,35 @@ class EngramShortConv(nn.Module):
     def forward(self, hidden_states: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """hidden_states [B, T, C] -> [B, T, C]."""
         length = hidden_states.shape[1]
-        inputs = hidden_states.transpose(1, 2)
-        if cache is not None:
-            inputs = cache.update_conv_state(
-                inputs, self.layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.state_len
+        weight = self.weight[:, 0]  # [C, K]
+        if weight.dtype != torch.float32:
+            weight = weight.float()  # accumulate in fp32
+        if cache is None:
+            outputs = causal_depthwise_conv(hidden_states, weight.t().contiguous(), length, self.dilation)
+        else:
+            decoding = cache.get_conv_state(self.layer_idx, CONV_STATE) is not None and length == 1
+            inputs = cache.update_conv_state(  # [B, C, L + T]: transformers keeps time last
+                hidden_states.transpose(1, 2), self.layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.state_len
             )
-        inputs = F.pad(inputs, (self.state_len, 0))[..., -(self.state_len + length) :]
-        outputs = F.conv1d(inputs, self.weight, dilation=self.dilation, groups=self.weight.shape[0])
-        return F.silu(outputs).transpose(1, 2)
+            if decoding:  # one step: the K inputs it reads, channels first, as they come from the cache
+                outputs = (inputs[..., -self.state_len - 1 :: self.dilation] * weight).sum(-1).unsqueeze(1)
+            else:
+                outputs = causal_depthwise_conv(inputs.transpose(1, 2), weight.t().contiguous(), length, self.dilation)
+        outputs = F.silu(outputs, inplace=not torch.is_grad_enabled())
+        return outputs if outputs.dtype == hidden_states.dtype else outputs.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return f"channels={self.weight.shape[0]}, kernel_size={self.weight.shape[-1]}, dilation={self.dilation}"
 
 
 class EngramKeyValue(nn.Module):
-    """Shared value and per-branch keys of the memory rows in one matmul: `forward(rows [B, T, d_mem]) ->
-    (value [B, T, D], keys [B, T, M * D])`, i.e. rows @ [W_V; W_K^(1); ..; W_K^(M)]^T.
+    """Shared value and per-branch keys of the memory rows: `forward(rows [B, T, d_mem]) -> (value [B, T, D],
+    keys [B, T, M * D])`.
 
     `value_proj` (W_V, shared by the branches) and `key_proj` (the keys of all branches, part of the gate) are
-    ordinary `nn.Linear`s, so PEFT can wrap the gating keys alone (LoRA, LN-tuning); while both are plain, unhooked
-    Linears their weights are concatenated into one matmul, otherwise each is called through its own forward.
+    ordinary `nn.Linear`s, so PEFT can wrap the gating keys alone (LoRA, LN-tuning). Two matmuls cost what one over
+    the concatenated weight costs, without copying the weights on every call (a decode step's matvec is as large
+    as that copy).
     """
 
     def __init__(self, config: EngramConfig):
@@ -93,28 +174,25 @@ class EngramKeyValue(nn.Module):
         self.value_proj = nn.Linear(config.engram_dim, config.hidden_size, bias=False)
         self.key_proj = nn.Linear(config.engram_dim, config.hc_mult * config.hidden_size, bias=False)
 
-    def _fusable(self) -> bool:
-        """Plain Linears nobody hooks (PEFT wrappers, Accelerate offload hooks and forward hooks need the calls)."""
-        return all(
-            type(proj) is nn.Linear and not hasattr(proj, "_hf_hook")
-            and not proj._forward_hooks and not proj._forward_pre_hooks
-            for proj in (self.value_proj, self.key_proj)
-        )
-
     def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._fusable():
-            weight = torch.cat([self.value_proj.weight, self.key_proj.weight])
-            value_and_keys = F.linear(rows.to(weight.dtype), weight)
-            return value_and_keys.split([self.value_proj.out_features, self.key_proj.out_features], dim=-1)
-        rows = rows.to(self.value_proj.weight.dtype)
-        return self.value_proj(rows), self.key_proj(rows)
+        value_proj, key_proj = self.value_proj, self.key_proj
+        dtype = value_proj.weight.dtype
+        if rows.dtype != dtype:
+            rows = rows.to(dtype)
+        return value_proj(rows), key_proj(rows)
 
 
 class EngramLayer(nn.Module):
     """Engram at one decoder layer: `forward(hidden [B, T, hc * D], hash_ids [B, T, heads]) -> [B, T, hc * D]`.
 
     Per branch m: k_m = W_K^(m) e, v = W_V e (shared), alpha_m = gate(RMSNorm(h_m), RMSNorm(k_m)), u_m = alpha_m v;
-    Y = SiLU(Conv(RMSNorm(U))) + U. The value and the keys of all branches are one matmul (`kv_proj`).
+    Y = SiLU(Conv(RMSNorm(U))) + U.
+
+    Since u_m = alpha_m v, RMSNorm(u_m) = v * alpha_m / sqrt(alpha_m^2 ms(v) + eps) (ms: mean square over D): the
+    conv input is a per-branch scale of the shared value, and neither U nor the normalised queries and keys are
+    materialised (`normed_gate`). That path reads the norm weights directly, so it runs while the norms are plain
+    and nobody hooks the gate or the conv; otherwise every module is called in turn (PEFT wrappers, forward hooks,
+    `gate_heatmap`, Accelerate offload hooks), computing the same values up to float reassociation.
     """
 
     # Submodules that compute only the gate alpha, by role: what gating-only fine-tuning trains (gating_peft.py).
@@ -142,6 +220,14 @@ class EngramLayer(nn.Module):
         self.gate = EngramGate()
         self.kernel = checked_preference(config.engram_kernel)
 
+    def _factored(self) -> bool:
+        """Whether the factored formulation may read the norms' weights and modify the conv's output in place."""
+        return (
+            _plain(self.query_norm, BranchRMSNorm) and _plain(self.key_norm, BranchRMSNorm)
+            and _plain(self.conv_norm, BranchRMSNorm) and _plain(self.gate, EngramGate)
+            and _plain(self.short_conv, EngramShortConv)
+        )
+
     def gated_values(self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """u_m = alpha_m v for hidden [B, T, hc, D], projected keys [B, T, hc, D], value [B, T, D]: [B, T, hc, D]."""
         # The fused kernel never materialises alpha: while hooks watch the gate module (gate_heatmap), use torch.
@@ -155,6 +241,34 @@ class EngramLayer(nn.Module):
         gate = self.gate(self.query_norm(hidden_states), self.key_norm(key))
         return gate * value.unsqueeze(-2)
 
+    def factored(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: Cache | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """U + SiLU(Conv(RMSNorm(U) * mask)) for query/key [B, T, M, D], value [B, T, D], mask [B, T, 1, 1] or None.
+
+        u_m = alpha_m v, so RMSNorm(u_m) = w_c,m * v * s_m with s_m = alpha_m / sqrt(alpha_m^2 ms(v) + eps): the conv
+        input is the shared value scaled per branch. Without autograd the products and the conv inputs are computed
+        in the keys' memory: fewer fresh [B, T, M, D] allocations (each costs page faults on the CPU).
+        """
+        inference = not torch.is_grad_enabled()
+        query_norm, conv_norm = self.query_norm, self.conv_norm
+        eps, dim = conv_norm.variance_epsilon, value.shape[-1]
+        alpha = normed_gate(
+            query, key, query_norm.weight, self.key_norm.weight, query_norm.variance_epsilon, overwrite_key=inference
+        )  # [B, T, M, 1], fp32
+        value_norm = torch.linalg.vector_norm(value, dim=-1, keepdim=True, dtype=torch.float32).unsqueeze(-1)
+        scale = alpha * torch.rsqrt((alpha * value_norm).square() / dim + eps)  # [B, T, M, 1]
+        if mask is not None:
+            scale = scale * mask
+        if scale.dtype != value.dtype:
+            alpha, scale = alpha.to(value.dtype), scale.to(value.dtype)
+        value = value.unsqueeze(-2)  # [B, T, 1, D]
+        conv_inputs = torch.mul(value, scale, out=key if inference else None)
+        weight = conv_norm.weight
+        conv_inputs = conv_inputs.mul_(weight) if inference else conv_inputs * weight  # = conv_norm(U) * mask
+        outputs = self.short_conv(conv_inputs.flatten(-2), cache).unflatten(-1, key.shape[-2:])
+        return outputs.addcmul_(alpha, value)  # the conv's own output: in place is safe
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -163,15 +277,22 @@ class EngramLayer(nn.Module):
         token_mask: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`rows` [B, T, d_mem]: memory rows fetched ahead (prefetch); gathered here from `hash_ids` otherwise."""
+        """`rows` [B, T, d_mem]: memory rows fetched ahead (prefetch); gathered here from `hash_ids` otherwise.
+        `token_mask` [B, T]: padding positions (0) feed zeros to the conv, as positions before the start do."""
         branches = (self.hc_mult, self.hidden_size)
         value, keys = self.kv_proj(self.table(hash_ids) if rows is None else rows)
-        values = self.gated_values(hidden_states.unflatten(-1, branches), keys.unflatten(-1, branches), value)
-        values = values.flatten(-2)
-        conv_inputs = self.conv_norm(values.unflatten(-1, branches)).flatten(-2)
-        if token_mask is not None:  # padding positions feed zeros to the conv, as positions before the start do
-            conv_inputs = conv_inputs * token_mask.unsqueeze(-1).to(conv_inputs.dtype)
-        return values + self.short_conv(conv_inputs, cache)
+        query, key = hidden_states.unflatten(-1, branches), keys.unflatten(-1, branches)
+        if self._factored() and not use_triton(self.kernel, query, key, value):
+            mask = None if token_mask is None else token_mask[..., None, None].to(torch.float32)  # [B, T, 1, 1]
+            return self.factored(query, key, value, cache, mask).flatten(-2)
+        values = self.gated_values(query, key, value)
+        conv_inputs = self.conv_norm(values)
+        if token_mask is not None:
+            conv_inputs = conv_inputs * token_mask[..., None, None].to(conv_inputs.dtype)
+        return (values + self.short_conv(conv_inputs.flatten(-2), cache).unflatten(-1, branches)).flatten(-2)
 
 
-__all__ = ["EngramLayer", "EngramGate", "EngramKeyValue", "EngramShortConv", "BranchRMSNorm", "signed_sqrt_gate"]
+__all__ = [
+    "EngramLayer", "EngramGate", "EngramKeyValue", "EngramShortConv", "BranchRMSNorm", "branch_dots",
+    "causal_depthwise_conv", "normed_gate", "signed_sqrt_gate",
+]

@@ -98,17 +98,17 @@ class EngramHasher(nn.Module):
                 pad_id=self.pad_id, history=tokens[:, : n - 1], compressed=True,
             )
             return dict(zip(self.layer_ids, hash_ids.unbind(0)))
-        length = tokens.shape[1] - (n - 1)
-        # shifted[k][b, t] = x'_{t-k}: [N, B, T]
-        shifted = torch.stack([tokens[:, n - 1 - k : n - 1 - k + length] for k in range(n)])
-        products = shifted.unsqueeze(0) * self.multiplier_tensor[:, :, None, None]  # [L, N, B, T]
-        mix = products[:, 0]
-        orders = []
+        layers, orders = len(self.layer_ids), n - 1
+        windows = tokens.unfold(1, n, 1)  # [B, T, N]: windows[..., j] = x'_{t-(N-1)+j}
+        # products[..., j] = x'_{t-k} * m_k with k = N-1-j: [L, B, T, N]
+        products = windows.unsqueeze(0) * self.multiplier_tensor.flip(-1).view(layers, 1, 1, n)
+        mix = products[..., n - 1]
+        mixes = []
         for k in range(1, n):
-            mix = torch.bitwise_xor(mix, products[:, k])
-            orders.append(mix)
-        mixes = torch.stack(orders, dim=-1).repeat_interleave(self.n_head_per_ngram, dim=-1)  # [L, B, T, (N-1) H]
-        hash_ids = torch.remainder(mixes, self.table_size_tensor[:, None, None, :])
+            mix = torch.bitwise_xor(mix, products[..., n - 1 - k])
+            mixes.append(mix)
+        sizes = self.table_size_tensor.view(layers, 1, 1, orders, self.n_head_per_ngram)
+        hash_ids = torch.remainder(torch.stack(mixes, dim=-1).unsqueeze(-1), sizes).flatten(-2)  # [L, B, T, (N-1) H]
         return dict(zip(self.layer_ids, hash_ids.unbind(0)))
 
     def forward(

@@ -338,17 +338,13 @@ class EngramModel(EngramPreTrainedModel):
         compressed = self.hasher.compress(input_ids, token_mask)
         history = self.config.max_ngram_size - 1
         layer_ids = self.config.engram_layer_ids
-        if cache is None or cache.get_conv_state(layer_ids[0], TOKEN_STATE) is None:
-            tokens = torch.cat([self.hasher.start_history(input_ids), compressed], dim=1)
-        else:
-            tokens = compressed
-        if cache is not None:
-            new_tokens = tokens
-            for layer_idx in layer_ids:  # every Engram layer's cache carries it, so each crops/reorders alone
-                tokens = cache.update_conv_state(
-                    new_tokens.unsqueeze(1), layer_idx, state_idx=TOKEN_STATE, conv_kernel_size=history
-                ).squeeze(1)
-        return self.hasher.hash_tokens(tokens[:, -(history + input_ids.shape[1]) :])
+        if cache.get_conv_state(layer_ids[0], TOKEN_STATE) is None:
+            compressed = torch.cat([self.hasher.start_history(input_ids), compressed], dim=1)
+        for layer_idx in layer_ids:  # every Engram layer's slot: transformers crops each conv-state slot of a layer
+            tokens = cache.update_conv_state(
+                compressed.unsqueeze(1), layer_idx, state_idx=TOKEN_STATE, conv_kernel_size=history
+            )
+        return self.hasher.hash_tokens(tokens.squeeze(1)[:, -(history + input_ids.shape[1]) :])
 
     def prefetch_rows(self, hash_ids: dict[int, torch.LongTensor]) -> dict[int, RowFetch]:
         """Start the row fetch of every host/disk table at once; each Engram layer waits only for its own."""
