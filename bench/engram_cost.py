@@ -18,13 +18,17 @@ to back, alternating which goes first, so machine load hits both alike (single r
   `allocation.flops_per_token`; prefill without the LM head, which runs on one position) bounds the throughput
   ratio; goal: measured >= 0.97 x FLOP ratio.
 - train: forward + backward + `create_engram_optimizer` step of the same models (B 2 x T 128), Engram / no Engram.
+- formulations: the layer as it computed before this rewrite (`tests/test_engram_layer.py::reference_engram`)
+  against the factored layer, in one run: the before/after ratio without two checkouts.
 
 Prints markdown tables for docs/benchmarks.md.
 """
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -42,6 +46,7 @@ MODEL = dict(
     attn_implementation="sdpa",
 )
 ENGRAM_LAYERS = [1, 5]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def paired(first, second, rounds: int, warmup: int = 1) -> tuple[float, float, float]:
@@ -184,7 +189,7 @@ def decode_paired(engram_run, base_run, rounds: int) -> tuple[float, float, floa
             statistics.median(p[1] / p[0] for p in pairs))
 
 
-def bench_models(rounds: int, compile_models: bool) -> None:
+def bench_models(rounds: int, compile_models: bool, hc_mults: list[int]) -> None:
     prefill_shape, prompt_len, steps = (2, 512), 64, 64
     generator = torch.Generator().manual_seed(0)
     prefill_ids = torch.randint(3, MODEL["vocab_size"], prefill_shape, generator=generator)
@@ -195,7 +200,7 @@ def bench_models(rounds: int, compile_models: bool) -> None:
           f"{model_config(1, True).engram_dim}; {rounds} rounds)\n")
     print("| hc_mult | phase | no Engram ms | Engram ms | throughput ratio (median of paired rounds) | FLOP ratio "
           "| ratio / FLOP ratio (goal >= 0.97) |\n|---|---|---|---|---|---|---|")
-    for hc_mult in (1, 4):
+    for hc_mult in hc_mults:
         engram, base = build_pair(hc_mult)
         if compile_models:
             engram.forward, base.forward = torch.compile(engram.forward), torch.compile(base.forward)
@@ -226,13 +231,13 @@ def train_runner(model, batch):
     return run
 
 
-def bench_train(rounds: int) -> None:
+def bench_train(rounds: int, hc_mults: list[int]) -> None:
     batch = torch.randint(3, MODEL["vocab_size"], (2, 128), generator=torch.Generator().manual_seed(0))
     print(f"\n### Training step, Engram / no Engram (B 2 x T 128, forward + backward + create_engram_optimizer "
           f"step; {rounds} rounds)\n")
     print("| hc_mult | no Engram ms | Engram ms | time ratio Engram / no Engram | FLOP ratio (with / without) |\n"
           "|---|---|---|---|---|")
-    for hc_mult in (1, 4):
+    for hc_mult in hc_mults:
         engram, base = build_pair(hc_mult)
         t_base, t_engram, ratio = paired(train_runner(base, batch), train_runner(engram, batch), rounds)
         print(f"| {hc_mult} | {t_base * 1e3:.1f} | {t_engram * 1e3:.1f} | {ratio:.3f} | "
@@ -240,24 +245,65 @@ def bench_train(rounds: int) -> None:
         del engram, base
 
 
+def bench_formulations(rounds: int, hc_mults: list[int]) -> None:
+    """The layer as it computed before (tests' `reference_engram`: one matmul over the weights concatenated per call,
+    both norms materialised, F.conv1d) against the factored layer, in one run: forward without autograd at the layer
+    shapes, forward + backward at the training shapes."""
+    from test_engram_layer import reference_engram
+
+    print(f"\n### Engram layer, module-by-module formulation (before) against the factored one (after), {rounds} "
+          "rounds\n")
+    print("| shapes | pass | before ms | after ms | after / before |\n|---|---|---|---|---|")
+    config, layer, hash_ids, hidden = layer_setup()
+    with torch.no_grad():
+        rows = layer.table(hash_ids)
+        t_before, t_after, ratio = paired(lambda: reference_engram(layer, hidden, rows),
+                                          lambda: layer(hidden, hash_ids, rows=rows), rounds)
+    print(f"| layer shapes (hc_mult {config.hc_mult}) | forward, no_grad | {t_before * 1e3:.1f} | "
+          f"{t_after * 1e3:.1f} | {ratio:.3f} |")
+    del layer, rows
+    for hc_mult in hc_mults:
+        engram, _ = build_pair(hc_mult)
+        layer = engram.model.layers[ENGRAM_LAYERS[0]].engram.train()
+        ids = torch.randint(3, MODEL["vocab_size"], (2, 128), generator=torch.Generator().manual_seed(0))
+        hash_ids = engram.model.hasher(ids)[ENGRAM_LAYERS[0]]
+        hidden = torch.randn(2, 128, hc_mult * MODEL["hidden_size"], requires_grad=True)
+        rows = layer.table(hash_ids).detach().requires_grad_()
+
+        def before():
+            reference_engram(layer, hidden, rows).sum().backward()
+
+        def after():
+            layer(hidden, hash_ids, rows=rows).sum().backward()
+
+        t_before, t_after, ratio = paired(before, after, rounds)
+        print(f"| model shapes, B 2 x T 128, hc_mult {hc_mult} | forward + backward | {t_before * 1e3:.1f} | "
+              f"{t_after * 1e3:.1f} | {ratio:.3f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="layer,model,train", help="comma-separated: layer, model, train")
+    parser.add_argument("--sections", default="layer,model,train,formulations",
+                        help="comma-separated: layer, model, train, formulations")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--profile", action="store_true", help="profile the layer forward")
     parser.add_argument("--compile", action="store_true", help="also the model ratios under torch.compile")
+    parser.add_argument("--hc-mults", default="1,4", help="comma-separated hc_mult values of the model sections")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sections = args.sections.split(",")
+    hc_mults = [int(v) for v in args.hc_mults.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, fp32")
     if "layer" in sections:
         bench_layer(args.rounds, args.profile)
     if "model" in sections:
-        bench_models(args.rounds, compile_models=False)
+        bench_models(args.rounds, compile_models=False, hc_mults=hc_mults)
         if args.compile:
-            bench_models(args.rounds, compile_models=True)
+            bench_models(args.rounds, compile_models=True, hc_mults=hc_mults)
     if "train" in sections:
-        bench_train(max(3, args.rounds // 2))
+        bench_train(max(3, args.rounds // 2), hc_mults)
+    if "formulations" in sections:
+        bench_formulations(args.rounds, hc_mults)
 
 
 if __name__ == "__main__":

@@ -41,20 +41,16 @@ def signed_sqrt_gate(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 
 def squared_norm(hidden_states: torch.Tensor) -> torch.Tensor:
-    """sum(x**2) over the last dim in fp32, kept as a dim of 1, in one read of `hidden_states` (no squared copy)."""
-    return torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=torch.float32).square()
+    """sum(x**2) over the last dim in at least fp32, kept as a dim of 1, in one read (no squared copy)."""
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    return torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=dtype).square()
 
 
 def branch_dots(products: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum_d products[..., m, d] * weight[m, d] for products [..., M, D], weight [M, D]: [..., M, 1].
-
-    Over many tokens one matrix-vector product per branch reads `products` once; a few tokens (decoding) take the
-    two-op multiply and sum, where the op count is the cost.
-    """
-    branches, dim = weight.shape
-    if products.numel() < 64 * branches * dim:
-        return (products * weight).sum(-1, keepdim=True)
-    return torch.stack([products[..., m, :] @ weight[m] for m in range(branches)], dim=-1).unsqueeze(-1)
+    """sum_d products[..., m, d] * weight[m, d] for products [..., M, D], weight [M, D]: [..., M, 1], as one
+    matrix-vector product per branch (one read of `products`; the same formulation at every size, so a batch split
+    across processes sums as the whole batch does)."""
+    return torch.stack([products[..., m, :] @ weight[m] for m in range(weight.shape[0])], dim=-1).unsqueeze(-1)
 
 
 def normed_gate(
@@ -139,7 +135,7 @@ class EngramShortConv(nn.Module):
         """hidden_states [B, T, C] -> [B, T, C]."""
         length = hidden_states.shape[1]
         weight = self.weight[:, 0]  # [C, K]
-        if weight.dtype != torch.float32:
+        if weight.dtype in (torch.float16, torch.bfloat16):
             weight = weight.float()  # accumulate in fp32
         if cache is None:
             outputs = causal_depthwise_conv(hidden_states, weight.t().contiguous(), length, self.dilation)
@@ -255,9 +251,8 @@ class EngramLayer(nn.Module):
         eps, dim = conv_norm.variance_epsilon, value.shape[-1]
         alpha = normed_gate(
             query, key, query_norm.weight, self.key_norm.weight, query_norm.variance_epsilon, overwrite_key=inference
-        )  # [B, T, M, 1], fp32
-        value_norm = torch.linalg.vector_norm(value, dim=-1, keepdim=True, dtype=torch.float32).unsqueeze(-1)
-        scale = alpha * torch.rsqrt((alpha * value_norm).square() / dim + eps)  # [B, T, M, 1]
+        )  # [B, T, M, 1], fp32 (or fp64)
+        scale = alpha * torch.rsqrt(alpha.square() * squared_norm(value).unsqueeze(-1) / dim + eps)  # [B, T, M, 1]
         if mask is not None:
             scale = scale * mask
         if scale.dtype != value.dtype:
@@ -283,7 +278,7 @@ class EngramLayer(nn.Module):
         value, keys = self.kv_proj(self.table(hash_ids) if rows is None else rows)
         query, key = hidden_states.unflatten(-1, branches), keys.unflatten(-1, branches)
         if self._factored() and not use_triton(self.kernel, query, key, value):
-            mask = None if token_mask is None else token_mask[..., None, None].to(torch.float32)  # [B, T, 1, 1]
+            mask = None if token_mask is None else token_mask[..., None, None].to(value.dtype)  # [B, T, 1, 1]
             return self.factored(query, key, value, cache, mask).flatten(-2)
         values = self.gated_values(query, key, value)
         conv_inputs = self.conv_norm(values)
