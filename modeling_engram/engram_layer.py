@@ -83,8 +83,6 @@ def causal_depthwise_conv(inputs: torch.Tensor, taps: torch.Tensor, length: int,
     """
     context = inputs.shape[1] - length
     kernel = taps.shape[0]
-    if length == 1 and context == (kernel - 1) * dilation:  # a decode step: its K inputs in one strided view
-        return (inputs[:, ::dilation] * taps).sum(1, keepdim=True)
     outputs = inputs[:, context:] * taps[kernel - 1]
     for k in range(kernel - 1):
         start = context - (kernel - 1 - k) * dilation
@@ -162,7 +160,8 @@ class EngramKeyValue(nn.Module):
     `value_proj` (W_V, shared by the branches) and `key_proj` (the keys of all branches, part of the gate) are
     ordinary `nn.Linear`s, so PEFT can wrap the gating keys alone (LoRA, LN-tuning). Two matmuls cost what one over
     the concatenated weight costs, without copying the weights on every call (a decode step's matvec is as large
-    as that copy).
+    as that copy). A joined copy kept across calls is not safe: writes through `.data` (PEFT's merge) do not bump
+    a tensor's version, so nothing would tell it is stale.
     """
 
     def __init__(self, config: EngramConfig):
@@ -216,7 +215,7 @@ class EngramLayer(nn.Module):
         self.gate = EngramGate()
         self.kernel = checked_preference(config.engram_kernel)
 
-    def _factored(self) -> bool:
+    def _can_factor(self) -> bool:
         """Whether the factored formulation may read the norms' weights and modify the conv's output in place."""
         return (
             _plain(self.query_norm, BranchRMSNorm) and _plain(self.key_norm, BranchRMSNorm)
@@ -277,7 +276,7 @@ class EngramLayer(nn.Module):
         branches = (self.hc_mult, self.hidden_size)
         value, keys = self.kv_proj(self.table(hash_ids) if rows is None else rows)
         query, key = hidden_states.unflatten(-1, branches), keys.unflatten(-1, branches)
-        if self._factored() and not use_triton(self.kernel, query, key, value):
+        if self._can_factor() and not use_triton(self.kernel, query, key, value):
             mask = None if token_mask is None else token_mask[..., None, None].to(value.dtype)  # [B, T, 1, 1]
             return self.factored(query, key, value, cache, mask).flatten(-2)
         values = self.gated_values(query, key, value)
