@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from modeling_engram import EngramConfig, EngramForCausalLM, create_engram_optimizer
 from modeling_engram.allocation import flops_per_token
-from modeling_engram.engram_layer import EngramLayer
+from modeling_engram.engram_layer import EngramLayer, EngramShortConv
 from modeling_engram.hashing import EngramHasher
 
 LAYER_SHAPE = dict(batch=2, length=512, hidden_size=1024, hc_mult=4, n_embed_per_ngram=512, rows=646_400)
@@ -139,7 +139,7 @@ def build_pair(hc_mult: int) -> tuple[EngramForCausalLM, EngramForCausalLM]:
     torch.manual_seed(0)
     engram = EngramForCausalLM(model_config(hc_mult, True)).eval()
     for module in engram.modules():  # conv weights start at zero; time them as a trained model runs them
-        if type(module).__name__ == "EngramShortConv":
+        if isinstance(module, EngramShortConv):
             torch.nn.init.normal_(module.weight, 0, 0.1)
     base = EngramForCausalLM(model_config(hc_mult, False)).eval()
     shared = {name: tensor for name, tensor in engram.state_dict().items() if ".engram." not in name}

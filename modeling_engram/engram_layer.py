@@ -225,11 +225,10 @@ class EngramLayer(nn.Module):
 
     def gated_values(self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """u_m = alpha_m v for hidden [B, T, hc, D], projected keys [B, T, hc, D], value [B, T, D]: [B, T, hc, D]."""
-        # The fused kernel never materialises alpha: while hooks watch the gate module (gate_heatmap), use torch.
-        watched = bool(self.gate._forward_hooks or self.gate._forward_pre_hooks)
-        # PEFT (LN-tuning) wraps the norms: their trainable copies only act through the modules' own forward.
-        plain = type(self.query_norm) is BranchRMSNorm and type(self.key_norm) is BranchRMSNorm
-        if not watched and plain and use_triton(self.kernel, hidden_states, key, value):
+        # The fused kernel never materialises alpha and reads the norm weights itself: it runs while the gate is
+        # unwatched (gate_heatmap) and the norms are plain (PEFT's trainable copies act only through their forward).
+        plain = _plain(self.gate, EngramGate) and _plain(self.query_norm, BranchRMSNorm)
+        if plain and _plain(self.key_norm, BranchRMSNorm) and use_triton(self.kernel, hidden_states, key, value):
             return load_kernels().fused_gate(
                 hidden_states, key, value, self.query_norm.weight, self.key_norm.weight, self.query_norm.variance_epsilon
             )
