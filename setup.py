@@ -1,6 +1,22 @@
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+CARD_TEMPLATE = "model_card_template.md"
+
+
+class BuildPyWithCardTemplate(build_py):
+    """Ship the top-level model card template, its one copy, inside the `modeling_engram` package of a wheel.
+
+    Editable installs and source checkouts read it in place (`modeling_engram.hub.card_template`).
+    """
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            self.copy_file(CARD_TEMPLATE, str(Path(self.build_lib, "modeling_engram", CARD_TEMPLATE)))
+
 
 setup(
     name="modeling_engram",
@@ -13,7 +29,7 @@ setup(
     # The kernels/ folder installs as `engram_kernels`: the name `kernels` belongs to the Hugging Face library.
     packages=["modeling_engram", "engram_kernels", "engram_kernels.hash", "engram_kernels.gather", "engram_kernels.gate"],
     package_dir={"engram_kernels": "kernels"},
-    package_data={"modeling_engram": ["model_card_template.md"]},  # the model card's one source, read by hub.py
+    cmdclass={"build_py": BuildPyWithCardTemplate},
     install_requires=[
         "torch>=2.6",
         "transformers>=5.24,<6",

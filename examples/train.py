@@ -5,11 +5,11 @@ from `text_blocks_dataset` (tokenised with `datasets`, cut into blocks). Data-pa
 sparse gradients, so every process holds identical tables; N processes with `--batch-size b` train exactly like
 one process with `--batch-size N*b`.
 
-    python examples/main.py                                               # makes outputs/main (model + tokenizer)
-    python examples/train.py --model outputs/main --out outputs/train     # the standard library's source as data
-    torchrun --standalone --nproc_per_node 2 examples/train.py --model outputs/main --batch-size 4
-    accelerate launch --multi_gpu --num_processes 2 examples/train.py --model outputs/main --batch-size 4
-    python examples/train.py --model outputs/main --files notes/*.txt --bf16 --activation-checkpointing
+    python examples/main.py                      # makes outputs/main/engram_model (model + tokenizer)
+    python examples/train.py --model outputs/main/engram_model --out outputs/train     # standard-library source as data
+    torchrun --standalone --nproc_per_node 2 examples/train.py --model outputs/main/engram_model --batch-size 4
+    accelerate launch --multi_gpu --num_processes 2 examples/train.py --model outputs/main/engram_model --batch-size 4
+    python examples/train.py --model outputs/main/engram_model --files notes/*.txt --bf16 --activation-checkpointing
 
 On CPUs the processes use gloo (`accelerate launch` needs `--multi_gpu` for several processes, even there). NCCL
 cannot all-reduce sparse gradients: on GPUs pass --dense-table-grads.
@@ -39,7 +39,8 @@ def table_digests(model) -> dict[str, str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("outputs/main"), help="saved model and tokenizer")
+    parser.add_argument("--model", type=Path, default=Path("outputs/main/engram_model"),
+                        help="saved model and tokenizer")
     parser.add_argument("--files", type=Path, nargs="*", help="text files (default: standard-library sources)")
     parser.add_argument("--max-files", type=int, default=200, help="standard-library files when --files is unset")
     parser.add_argument("--block-size", type=int, default=128)

@@ -11,6 +11,7 @@ parameters are the key projections W_K (`kv_proj.key_proj`, all branches in one 
 """
 
 import re
+import warnings
 
 from torch import nn
 
@@ -53,6 +54,7 @@ def gating_peft_config(
     """
     from peft import LNTuningConfig, LoraConfig, TaskType
 
+    _quiet_peft_about_branch_norms()
     projections, norms = EngramLayer.gating_projections, EngramLayer.gating_norms
     if lora_r is None:
         if lora_alpha is not None or lora_dropout:
@@ -69,6 +71,16 @@ def gating_peft_config(
         modules_to_save=[f"{ENGRAM_ATTRIBUTE}.{norm}" for norm in norms],
         **kwargs,
     )
+
+
+def _quiet_peft_about_branch_norms() -> None:
+    """Drop PEFT's "Unsupported layer type BranchRMSNorm" warning, and only that one.
+
+    LN-tuning asks every target for in/out features (`_get_in_out_features`), which it only stores; norms have none,
+    so PEFT warns for every norm it tunes, its own `nn.LayerNorm` included, though the copy it trains works.
+    """
+    warnings.filterwarnings("ignore", message=r"Unsupported layer type '<class '[\w.]*\.BranchRMSNorm'>'",
+                            category=UserWarning, module=r"peft\.tuners\.tuners_utils")
 
 
 def register_peft_defaults() -> bool:

@@ -61,8 +61,11 @@ def exported_code_files(modeling_file: str | Path | None = None) -> list[str]:
 
 
 def card_template() -> str:
-    """The Jinja source of the model card (package data, so installed packages have it too)."""
-    return importlib.resources.files(__package__).joinpath(CARD_TEMPLATE).read_text(encoding="utf-8")
+    """The Jinja source of the model card: the repository's top-level `model_card_template.md`, which a wheel
+    carries inside this package (setup.py) and a source checkout or editable install reads in place."""
+    packaged = importlib.resources.files(__package__).joinpath(CARD_TEMPLATE)
+    source = Path(__file__).resolve().parents[1] / CARD_TEMPLATE
+    return (packaged if packaged.is_file() else source).read_text(encoding="utf-8")
 
 
 def _thousands(value: int) -> str:

@@ -12,22 +12,37 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_main_job_trains_both_models_reports_plots_and_reloads(tmp_path):
+TINY_MAIN = ["--vocab-size", "600", "--seq-len", "64", "--batch-size", "4", "--hidden", "64", "--experts", "8",
+             "--expert-width", "32", "--engram-width", "32", "--val-blocks", "8"]
+
+
+def test_main_job_trains_three_models_per_seed_reports_plots_and_reloads(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "main.py"), "--steps", "6", "--eval-every", "3", "--max-files", "20",
-         "--vocab-size", "600", "--seq-len", "64", "--batch-size", "4", "--hidden", "64", "--table-rows", "2000",
-         "--engram-width", "32", "--val-blocks", "8", "--out", str(out)],
+         "--seeds", "0,1", *TINY_MAIN, "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    engram, twin = rows
-    assert (engram["model"], twin["model"]) == ("Engram", "twin")
-    assert abs(engram["flops_per_token"] / twin["flops_per_token"] - 1) <= 0.05  # compute-matched
-    assert engram["total_parameters"] > twin["total_parameters"]  # the tables
-    assert all(math.isfinite(row["val_loss"]) and row["tokens_per_second"] > 0 for row in rows)
-    assert "| difference (Engram - twin) |" in result.stdout and "completion from the reloaded model" in result.stdout
+    saved = json.loads((out / "results.json").read_text())
+    moe, engram, dense = saved["rows"]
+    assert [row["model"] for row in saved["rows"]] == ["MoE", "Engram", "dense"]
+    # Engram: the MoE's total and activated parameters, part of its sparse budget moved into tables
+    assert engram["total_parameters"] == pytest.approx(moe["total_parameters"], rel=0.02)
+    assert engram["active_parameters"] == pytest.approx(moe["active_parameters"], rel=0.005)
+    assert engram["flops_per_token"] == pytest.approx(moe["flops_per_token"], rel=0.005)
+    assert engram["table_parameters"] > 0 == moe["table_parameters"] == dense["table_parameters"]
+    assert abs(dense["flops_per_token"] / engram["flops_per_token"] - 1) <= 0.05  # the compute-matched twin
+    assert dense["total_parameters"] < moe["total_parameters"]
+    for row in saved["rows"]:  # two seeds each: mean and spread of the per-seed losses
+        assert len(row["val_losses"]) == 2 and row["val_losses"][0] != row["val_losses"][1]
+        assert row["val_loss"] == pytest.approx(sum(row["val_losses"]) / 2) and row["val_loss_spread"] > 0
+        assert math.isfinite(row["val_loss"]) and row["tokens_per_second"] > 0
+    gaps = [e - m for e, m in zip(engram["val_losses"], moe["val_losses"])]
+    assert engram["val_loss_difference"] == pytest.approx(sum(gaps) / 2)
+    assert [len(runs) for runs in saved["runs"].values()] == [2, 2, 2]
+    assert "| Engram - MoE |" in result.stdout and "| dense - MoE |" in result.stdout
+    assert "completion from the reloaded model" in result.stdout
     for name in ("loss_curves.png", "gate_heatmap.png", "gate_heatmap.html"):
         assert (out / name).stat().st_size > 1000, name
     assert (out / "engram_model" / "model.safetensors").exists() and (out / "engram_model" / "tokenizer.json").exists()
@@ -75,13 +90,12 @@ def test_main_job_trains_on_a_saved_datasets_dataset(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "main.py"), "--dataset", str(tmp_path / "data"), "--text-column",
-         "body", "--steps", "4", "--eval-every", "2", "--vocab-size", "600", "--seq-len", "64", "--batch-size", "4",
-         "--hidden", "64", "--table-rows", "2000", "--engram-width", "32", "--val-blocks", "8", "--out", str(out)],
+         "body", "--steps", "4", "--eval-every", "2", *TINY_MAIN, "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "corpus: 18 train / 2 validation documents (dataset)" in result.stdout
-    assert len(json.loads((out / "results.json").read_text())["rows"]) == 2
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 3
 
 
 def test_retrofit_example_reports_all_four_models_on_a_tiny_base(tmp_path, tiny_tokenizer):

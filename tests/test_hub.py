@@ -282,21 +282,42 @@ def test_model_card_from_a_config_uses_its_dtype():
     assert f"({rows * 8 * 2:,} bytes) in bfloat16" in card.text and "| parameters |" not in card.text
 
 
-def test_card_template_is_package_data_with_a_single_source(tmp_path):
-    assert not (ROOT / CARD_TEMPLATE).exists(), "one template: the package's"
+WHEEL_SCRIPT = r"""
+import sys
+from pathlib import Path
+import modeling_engram
+from conftest import tiny_model
+
+assert Path(modeling_engram.__file__).is_relative_to(sys.argv[1]), modeling_engram.__file__  # the wheel's copy
+model = tiny_model()
+card = modeling_engram.model_card(model, repo_id="user/wheel-engram", license="apache-2.0")
+model.push_to_hub("user/wheel-engram", license="apache-2.0")
+print("CARD " + str(card).splitlines()[0])
+"""
+
+
+def test_card_template_has_one_copy_at_the_top_and_works_from_a_wheel(fake_hub, tmp_path):
+    assert (ROOT / CARD_TEMPLATE).is_file() and not (PACKAGE_DIR / CARD_TEMPLATE).exists(), "one template, at the top"
     source = tmp_path / "source"  # build from a copy: an in-place build would leave build/ in the checkout
     shutil.copytree(PACKAGE_DIR, source / "modeling_engram", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "kernels", source / "kernels", ignore=shutil.ignore_patterns("__pycache__"))  # setup.py packages it
-    for name in ("setup.py", "README.md"):
+    for name in ("setup.py", "README.md", "MANIFEST.in", CARD_TEMPLATE):
         shutil.copy(ROOT / name, source / name)
     run_python(["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
                 str(source)], dict(os.environ), cwd=tmp_path)
     import zipfile
 
     (wheel,) = (tmp_path / "dist").glob("*.whl")
-    assert f"modeling_engram/{CARD_TEMPLATE}" in zipfile.ZipFile(wheel).namelist()
-
-
+    names = zipfile.ZipFile(wheel).namelist()
+    assert [n for n in names if n.endswith(CARD_TEMPLATE)] == [f"modeling_engram/{CARD_TEMPLATE}"]
+    installed = tmp_path / "installed"
+    run_python(["-m", "pip", "install", "--no-deps", "-q", "--target", str(installed), str(wheel)], dict(os.environ),
+               cwd=tmp_path)
+    env = {**hub_env(fake_hub, tmp_path), "PYTHONPATH": os.pathsep.join([str(installed), str(TESTS)])}
+    stdout = run_python(["-c", WHEEL_SCRIPT, str(installed)], env, cwd=tmp_path)
+    assert "CARD ---" in stdout  # metadata rendered from the template
+    pushed = ModelCard(fake_hub.files("user/wheel-engram")["README.md"].decode())
+    assert "engram" in pushed.data.tags and "## Architecture" in pushed.text
 
 
 def test_share_on_the_hub_notebook_runs_against_the_fake_hub(fake_hub, tmp_path):

@@ -1,6 +1,7 @@
 """Gating-only fine-tuning with PEFT: exactly the gating parameters train, adapters save, load and merge."""
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -78,6 +79,20 @@ def test_gating_only_fine_tuning_changes_only_the_gating(tmp_path, lora_r, capsy
             assert not torch.equal(merged_state[name], tensor), f"{name} did not train"
         else:
             assert torch.equal(merged_state[name], tensor), f"{name} changed"
+
+
+def test_gating_peft_config_is_free_of_the_norm_warning_peft_gives_otherwise():
+    from peft import LNTuningConfig
+
+    pattern = gating_peft_config().target_modules  # its filter now sits behind the "always" below
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(tiny_model(), LNTuningConfig(target_modules=pattern))
+        config = gating_peft_config()  # installs its filter, in front of "always"
+        assert sum("Unsupported layer type" in str(w.message) for w in caught) == 4  # two norms in each of 2 layers
+        caught.clear()
+        get_peft_model(tiny_model(), config)
+    assert [str(w.message) for w in caught if "Unsupported layer type" in str(w.message)] == []
 
 
 def test_lora_config_without_target_modules_targets_the_gating_projections():
