@@ -182,3 +182,17 @@ def write_text_files(folder, count: int = 3, words: int = 300, seed: int = 0) ->
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         files.append(path)
     return files
+
+
+def source_copy(tmp_path):
+    """The files setup.py packages, copied: building in the checkout would leave build/ and egg-info there."""
+    import shutil
+    from pathlib import Path
+
+    source = Path(tmp_path) / "source"
+    source.mkdir()
+    for name in ("setup.py", "README.md", "MANIFEST.in", "model_card_template.md"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    for name in ("modeling_engram", "kernels"):
+        shutil.copytree(os.path.join(ROOT, name), source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return source

@@ -61,6 +61,21 @@ def test_allocation_sweep_trains_every_rho_and_plots(tmp_path):
     assert (tmp_path / "allocation_sweep.png").stat().st_size > 10_000
 
 
+def test_main_job_sweep_trains_the_chosen_models_with_one_setting_changed(tmp_path):
+    out = tmp_path / "sweep.jsonl"
+    tiny = [f"{option.removeprefix('--').replace('-', '_')}={value}" for option, value in zip(TINY_MAIN[::2], TINY_MAIN[1::2])]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "main_job_sweep.py"), "--models", "MoE,Engram", "--seeds", "0,1",
+         "--out", str(out), "steps=3", "eval_every=3", "max_files=20", "engram_layer=2", *tiny],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["model"], r["seed"]) for r in runs] == [("MoE", 0), ("Engram", 0), ("MoE", 1), ("Engram", 1)]
+    assert all(math.isfinite(r["val_loss"]) and r["val_curve"][-1] == [3, r["val_loss"]] for r in runs)
+    assert [r["engram_layer_ids"] for r in runs[:2]] == [[], [2]] and runs[0]["n_routed_experts"] == 8
+
+
 def test_readme_training_snippet_runs(tmp_path, monkeypatch, tiny_tokenizer):
     from conftest import tiny_model, write_text_files
 

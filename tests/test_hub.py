@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from clean_load import ATTENTION_MASK, INPUT_IDS, outputs
-from conftest import tiny_model
+from conftest import source_copy, tiny_model
 from fake_hub import FakeHub
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
@@ -286,7 +286,7 @@ WHEEL_SCRIPT = r"""
 import sys
 from pathlib import Path
 import modeling_engram
-from conftest import tiny_model
+from conftest import source_copy, tiny_model
 
 assert Path(modeling_engram.__file__).is_relative_to(sys.argv[1]), modeling_engram.__file__  # the wheel's copy
 model = tiny_model()
@@ -298,11 +298,7 @@ print("CARD " + str(card).splitlines()[0])
 
 def test_card_template_has_one_copy_at_the_top_and_works_from_a_wheel(fake_hub, tmp_path):
     assert (ROOT / CARD_TEMPLATE).is_file() and not (PACKAGE_DIR / CARD_TEMPLATE).exists(), "one template, at the top"
-    source = tmp_path / "source"  # build from a copy: an in-place build would leave build/ in the checkout
-    shutil.copytree(PACKAGE_DIR, source / "modeling_engram", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "kernels", source / "kernels", ignore=shutil.ignore_patterns("__pycache__"))  # setup.py packages it
-    for name in ("setup.py", "README.md", "MANIFEST.in", CARD_TEMPLATE):
-        shutil.copy(ROOT / name, source / name)
+    source = source_copy(tmp_path)
     run_python(["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
                 str(source)], dict(os.environ), cwd=tmp_path)
     import zipfile

@@ -2,13 +2,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
 
 import pytest
-from conftest import ROOT
+from conftest import source_copy
 
 pytest.importorskip("triton", reason="Triton does not import here (Linux x86_64 only)")
 
@@ -28,17 +27,6 @@ print(json.dumps({
     "kernels": None if spec is None else os.path.realpath(spec.origin or str(spec.submodule_search_locations)),
 }))
 """
-
-
-def source_copy(tmp_path):
-    """The files setup.py packages, copied: building in the checkout would leave build/ and egg-info there."""
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("setup.py", "README.md"):
-        shutil.copy(os.path.join(ROOT, name), source / name)
-    for name in ("modeling_engram", "kernels"):
-        shutil.copytree(os.path.join(ROOT, name), source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    return source
 
 
 def pip_install(*args, cwd):
