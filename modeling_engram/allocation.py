@@ -97,7 +97,8 @@ def count_parameters(config: EngramConfig) -> ParameterCount:
             table = sum(sizes) * engram_head_dim(config)
             heads_read = len(sizes) * engram_head_dim(config)  # one row per head per token
             total += table + (1 + m) * hidden * config.engram_dim  # value and keys
-            total += 3 * m * hidden + m * hidden * config.engram_kernel_size  # three branch norms, short conv
+            norms = 3 if config.engram_kernel_size else 2  # query, key and (with a short conv) conv norms
+            total += norms * m * hidden + m * hidden * config.engram_kernel_size
             tables += table
             sparse += table - heads_read
     return ParameterCount(total=total, embeddings=embeddings, routed_experts=routed, engram_tables=tables, sparse=sparse)

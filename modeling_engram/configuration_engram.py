@@ -123,7 +123,8 @@ class EngramConfig(PreTrainedConfig):
         n_head_per_ngram: hash heads per order.
         n_embed_per_ngram: memory width per order (split evenly over its heads).
         engram_vocab_size: target rows per head table, one entry per order 2..N.
-        engram_kernel_size: short-conv kernel size (dilation is max_ngram_size).
+        engram_kernel_size: short-conv kernel size (dilation is max_ngram_size); 0 removes the short conv, its
+            parameters and its generation state (DeepSeek-V4.1's layer: H <- H + gate * value).
         engram_seed: base seed of the hash multipliers.
         engram_pad_id: raw token id read before the start of a sequence (and at left-padding positions).
         engram_compressed_vocab_size: size of the compressed vocabulary produced by `build_token_map`
@@ -221,12 +222,12 @@ class EngramConfig(PreTrainedConfig):
             self.moe_intermediate_size = self.intermediate_size
         self._validate_engram()
         self._validate_backbone()
-        # Engram layers keep two generation states next to their KV cache: short-conv inputs and token history.
+        # Engram layers keep their token history next to their KV cache, and their short-conv inputs when they have one.
         self.layer_types = [
             ENGRAM_LAYER_TYPES[kind] if i in self.engram_layer_ids else kind
             for i, kind in enumerate(self._attention_types())
         ]
-        self.number_of_conv_states = 2
+        self.number_of_conv_states = 2 if self.engram_kernel_size else 1
         sizes = engram_table_sizes(self.engram_layer_ids, self.engram_vocab_size, self.n_head_per_ngram)
         if self.engram_table_sizes is None:
             self.engram_table_sizes = sizes
@@ -247,9 +248,11 @@ class EngramConfig(PreTrainedConfig):
         def fail(name, value, allowed):
             raise ValueError(f"EngramConfig: {name}={value!r} is invalid; {allowed}.")
 
-        for name in ("hc_mult", "n_head_per_ngram", "n_embed_per_ngram", "engram_kernel_size"):
+        for name in ("hc_mult", "n_head_per_ngram", "n_embed_per_ngram"):
             if getattr(self, name) < 1:
                 fail(name, getattr(self, name), "it must be >= 1")
+        if self.engram_kernel_size < 0:
+            fail("engram_kernel_size", self.engram_kernel_size, "it must be >= 1, or 0 for no short conv")
         if self.max_ngram_size < 2:
             fail("max_ngram_size", self.max_ngram_size, "it must be >= 2 (orders 2..max_ngram_size are hashed)")
         if len(set(self.engram_layer_ids)) != len(self.engram_layer_ids):

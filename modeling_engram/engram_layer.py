@@ -11,8 +11,8 @@ from .configuration_engram import EngramConfig
 from .kernel_dispatch import checked_preference, load_kernels, use_triton
 from .memory import EngramTable
 
-CONV_STATE = 0  # cache conv-state slot of an Engram layer holding the short-conv inputs
-TOKEN_STATE = 1  # cache conv-state slot holding the last max_ngram_size - 1 compressed token ids
+TOKEN_STATE = 0  # cache conv-state slot of an Engram layer holding the last max_ngram_size - 1 compressed token ids
+CONV_STATE = 1  # cache conv-state slot holding the short-conv inputs (absent without a short conv)
 
 
 class BranchRMSNorm(nn.Module):
@@ -210,17 +210,22 @@ class EngramLayer(nn.Module):
         self.kv_proj = EngramKeyValue(config)
         self.query_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
         self.key_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
-        self.conv_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
-        self.short_conv = EngramShortConv(config, layer_idx)
+        if config.engram_kernel_size:  # 0: no short conv (DeepSeek-V4.1), the layer adds gate * value alone
+            self.conv_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)
+            self.short_conv = EngramShortConv(config, layer_idx)
+        else:
+            self.conv_norm = self.short_conv = None
         self.gate = EngramGate()
         self.kernel = checked_preference(config.engram_kernel)
 
     def _can_factor(self) -> bool:
         """Whether the factored formulation may read the norms' weights and modify the conv's output in place."""
+        conv_plain = self.short_conv is None or (
+            _plain(self.conv_norm, BranchRMSNorm) and _plain(self.short_conv, EngramShortConv)
+        )
         return (
             _plain(self.query_norm, BranchRMSNorm) and _plain(self.key_norm, BranchRMSNorm)
-            and _plain(self.conv_norm, BranchRMSNorm) and _plain(self.gate, EngramGate)
-            and _plain(self.short_conv, EngramShortConv)
+            and _plain(self.gate, EngramGate) and conv_plain
         )
 
     def gated_values(self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -238,7 +243,8 @@ class EngramLayer(nn.Module):
     def factored(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: Cache | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """U + SiLU(Conv(RMSNorm(U) * mask)) for query/key [B, T, M, D], value [B, T, D], mask [B, T, 1, 1] or None.
+        """U + SiLU(Conv(RMSNorm(U) * mask)) for query/key [B, T, M, D], value [B, T, D], mask [B, T, 1, 1] or None
+        (U alone without a short conv).
 
         u_m = alpha_m v, so RMSNorm(u_m) = w_c,m * v * s_m with s_m = alpha_m / sqrt(alpha_m^2 ms(v) + eps): the conv
         input is the shared value scaled per branch. Without autograd the products and the conv inputs are computed
@@ -246,10 +252,12 @@ class EngramLayer(nn.Module):
         """
         inference = not torch.is_grad_enabled()
         query_norm, conv_norm = self.query_norm, self.conv_norm
-        eps, dim = conv_norm.variance_epsilon, value.shape[-1]
         alpha = normed_gate(
             query, key, query_norm.weight, self.key_norm.weight, query_norm.variance_epsilon, overwrite_key=inference
         )  # [B, T, M, 1], fp32 (or fp64)
+        if self.short_conv is None:
+            return alpha.to(value.dtype) * value.unsqueeze(-2)
+        eps, dim = conv_norm.variance_epsilon, value.shape[-1]
         scale = alpha * torch.rsqrt(alpha.square() * squared_norm(value).unsqueeze(-1) / dim + eps)  # [B, T, M, 1]
         if mask is not None:
             scale = scale * mask
@@ -279,6 +287,8 @@ class EngramLayer(nn.Module):
             mask = None if token_mask is None else token_mask[..., None, None].to(value.dtype)  # [B, T, 1, 1]
             return self.factored(query, key, value, cache, mask).flatten(-2)
         values = self.gated_values(query, key, value)
+        if self.short_conv is None:
+            return values.flatten(-2)
         conv_inputs = self.conv_norm(values)
         if token_mask is not None:
             conv_inputs = conv_inputs * token_mask[..., None, None].to(conv_inputs.dtype)

@@ -69,7 +69,7 @@ TINY_MOE = dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, m
                 first_k_dense_replace=1)
 
 BACKBONES = {"hc1": dict(hc_mult=1), "hc4": dict(hc_mult=4), "moe": dict(hc_mult=1, **TINY_MOE),
-             "hc4-moe": dict(hc_mult=4, **TINY_MOE)}
+             "hc4-moe": dict(hc_mult=4, **TINY_MOE), "hc4-noconv": dict(hc_mult=4, engram_kernel_size=0)}
 
 
 def tiny_model(seed: int = 0, conv_nonzero: bool = True, **overrides) -> modeling_engram.EngramForCausalLM:
@@ -79,7 +79,7 @@ def tiny_model(seed: int = 0, conv_nonzero: bool = True, **overrides) -> modelin
     overrides.setdefault("attn_implementation", "eager")
     model = modeling_engram.EngramForCausalLM(tiny_config(**overrides)).eval()
     with torch.no_grad():
-        if conv_nonzero:
+        if conv_nonzero and model.config.engram_kernel_size:
             for layer_id in model.config.engram_layer_ids:
                 model.model.layers[layer_id].engram.short_conv.weight.normal_(0, 0.5)
         for module in model.modules():

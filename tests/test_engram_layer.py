@@ -227,3 +227,45 @@ def test_bf16_factored_layer_is_as_close_to_fp32_as_the_module_by_module_one(hc_
     layer.float()
     exact = reference_engram(layer, hidden.float(), rows.float(), mask)
     assert (ours - exact).abs().max() <= (module_by_module - exact).abs().max()
+
+
+def test_without_a_short_conv_the_layer_adds_gate_times_value_and_keeps_no_conv_state(tmp_path):
+    """engram_kernel_size=0 (DeepSeek-V4.1): no conv parameters or norm, no conv slot in the cache, Y = U."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from modeling_engram import model_card
+    from modeling_engram.engram_layer import TOKEN_STATE, signed_sqrt_gate
+
+    model = tiny_model(hc_mult=4, engram_kernel_size=0)
+    layer = model.model.layers[0].engram
+    assert layer.short_conv is None and layer.conv_norm is None
+    assert not [name for name in model.state_dict() if "conv" in name]
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, 4 * 32, generator=generator, requires_grad=True)
+    hash_ids = model.model.hasher(torch.randint(3, 97, (2, 9), generator=generator))[0]
+    rows = layer.table(hash_ids).detach()
+    value, keys = layer.kv_proj(rows)
+    alpha = signed_sqrt_gate(layer.query_norm(hidden.unflatten(-1, (4, 32))), layer.key_norm(keys.unflatten(-1, (4, 32))))
+    expected = (alpha * value.unsqueeze(-2)).flatten(-2)
+    torch.testing.assert_close(layer(hidden, hash_ids, rows=rows), expected, atol=2e-6, rtol=1e-5)  # factored
+    handle = layer.gate.register_forward_hook(lambda *args: None)  # module by module
+    try:
+        assert torch.equal(layer(hidden, hash_ids, rows=rows), expected)
+    finally:
+        handle.remove()
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(3, 97, (2, 6)), cache=cache, use_cache=True)
+    for layer_id in model.config.engram_layer_ids:
+        states = cache.layers[layer_id].conv_states
+        assert len(states) == 1 and states[TOKEN_STATE].shape == (2, 1, 2)  # the last 2 compressed ids only
+    assert "| short conv | none (the layer adds gate * value) |" in model_card(model).text
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(3, 97, (2, 7), generator=generator)
+    with torch.no_grad():
+        assert reloaded.model.layers[0].engram.short_conv is None and reloaded.config.engram_kernel_size == 0
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="engram_kernel_size=-1 is invalid; it must be >= 1, or 0 for no short conv"):
+        tiny_model(engram_kernel_size=-1)
