@@ -19,7 +19,7 @@ of validation text, saves the Engram model and tokenizer, reloads them with `Aut
 `AutoTokenizer` and generates. `--seeds 0,1,2` trains every model once per seed (initialisation and data order)
 and reports means and spreads. Everything goes to `--out` (default `outputs/main`).
 
-    python examples/main.py                              # the default run (3.5 minutes on 2 CPU cores)
+    python examples/main.py                              # the default run (3.5-8.5 minutes on 2 CPU cores)
     python examples/main.py --seeds 0,1,2                # three seeds: means and spreads
     python examples/main.py --files my_corpus/*.txt      # your own text files
     python examples/main.py --dataset path/to/saved_dataset --text-column text
@@ -106,14 +106,13 @@ def model_configs(args, tokenizer, compressed: int) -> dict[str, EngramConfig]:
     """
     shapes = backbone_config(args, tokenizer, compressed)
     moe = config_with(shapes, engram_layer_ids=[])
-    for _ in range(2):  # the second pass allocates from the widened MoE's budget (same sparse budget, same split)
-        budget = count_parameters(moe)
-        allocation = allocate(shapes, budget.total_without_embeddings, budget.activated, args.rho)
-        if not allocation.engram_rows_per_head:
-            raise ValueError(f"--rho {args.rho} leaves no Engram rows at this size; lower it or add --experts.")
-        engram = allocation.apply(shapes)
-        extra = count_parameters(engram).activated - budget.activated
-        moe = config_with(moe, intermediate_size=moe.intermediate_size + round(extra / (3 * args.hidden)))
+    budget = count_parameters(moe)  # widening the MoE below adds to P_tot and P_act alike: same sparse budget
+    allocation = allocate(shapes, budget.total_without_embeddings, budget.activated, args.rho)
+    if not allocation.engram_rows_per_head:
+        raise ValueError(f"--rho {args.rho} leaves no Engram rows at this size; lower it or add --experts.")
+    engram = allocation.apply(shapes)
+    extra = count_parameters(engram).activated - budget.activated
+    moe = config_with(moe, intermediate_size=moe.intermediate_size + round(extra / (3 * args.hidden)))
     print(f"allocation: MoE {moe.n_routed_experts} routed experts (first FFN {moe.intermediate_size} wide); Engram "
           f"(rho {args.rho}, achieved {allocation.achieved_rho:.3f}) {engram.n_routed_experts} routed experts, "
           f"{allocation.engram_rows_per_head:,} rows per head table (first FFN {engram.intermediate_size} wide)")
