@@ -9,6 +9,8 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from .row_formats import get_row_format
+
 INT64_MAX = 2**63 - 1
 ENGRAM_STORAGES = ("device", "host", "disk")
 ENGRAM_KERNELS = ("auto", "triton", "torch")
@@ -139,6 +141,14 @@ class EngramConfig(PreTrainedConfig):
             `engram_kernels` package on CUDA tensors when it imports, torch otherwise), "triton" (also under
             TRITON_INTERPRET=1 on the CPU; torch where Triton cannot run) or "torch". A preference, not a
             requirement: the parameters are the same either way, so any checkpoint runs anywhere.
+
+    Compact rows and DeepSeek-V4.1's variant (with `engram_kernel_size=0`, `max_ngram_size=4` and `rms_norm_eps=1e-20`;
+    README "A DeepSeek-V4.1 Engram layer"):
+        engram_row_format: how table rows are stored, in every storage and in the hot-row cache: "fp32", "bf16",
+            "fp16", "fp8_e4m3" (V4.1: e4m3 values plus one ue8m0 scale byte per 32 values, inference only), or None
+            (the model's dtype). `model.quantize_engram_tables(format)` converts a trained model.
+        engram_dead_token_ids: raw token ids that are "dead" (V4.1: the image placeholder 129264): no n-gram reaches
+            across one (the dead token and every older position read the pad id) and the gate is 0 at its position.
     """
 
     model_type = "engram"
@@ -202,6 +212,8 @@ class EngramConfig(PreTrainedConfig):
     engram_prefetch: bool = True
     engram_cache_rows: int = 0
     engram_kernel: str = "auto"
+    engram_row_format: str | None = None
+    engram_dead_token_ids: list[int] | None = None
     layer_types: list[str] | None = None
     number_of_conv_states: int = 2
     engram_base_model: dict | None = None
@@ -220,6 +232,7 @@ class EngramConfig(PreTrainedConfig):
             self.engram_compressed_vocab_size = self.vocab_size
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        self.engram_dead_token_ids = sorted(int(i) for i in self.engram_dead_token_ids or [])
         self._validate_engram()
         self._validate_backbone()
         # Engram layers keep their token history next to their KV cache, and their short-conv inputs when they have one.
@@ -285,6 +298,15 @@ class EngramConfig(PreTrainedConfig):
             fail("sliding_window", self.sliding_window, "it must be >= 1, or None for full attention")
         if not 0 <= self.engram_pad_id < self.vocab_size:
             fail("engram_pad_id", self.engram_pad_id, f"it must be a raw token id in [0, {self.vocab_size - 1}]")
+        dead = self.engram_dead_token_ids
+        if len(set(dead)) != len(dead) or not all(0 <= i < self.vocab_size for i in dead):
+            fail("engram_dead_token_ids", dead, f"they must be distinct raw token ids in [0, {self.vocab_size - 1}]")
+        if self.engram_pad_id in dead:
+            fail("engram_dead_token_ids", dead, f"the pad id {self.engram_pad_id} (what dead positions read) cannot be dead")
+        try:
+            get_row_format(self.engram_row_format, self.n_embed_per_ngram // self.n_head_per_ngram)
+        except ValueError as error:
+            raise ValueError(f"EngramConfig: {error}") from None
 
     def _validate_backbone(self):
         def fail(name, value, allowed):

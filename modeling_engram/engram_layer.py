@@ -206,6 +206,7 @@ class EngramLayer(nn.Module):
             storage=config.engram_storage,
             cache_rows=config.engram_cache_rows,
             kernel=config.engram_kernel,
+            row_format=config.engram_row_format,
         )
         self.kv_proj = EngramKeyValue(config)
         self.query_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .kernel_dispatch import checked_preference, load_kernels, use_triton
+from .row_formats import SCALE_BLOCK, RowFormat, check_scales, pack_rows, get_row_format, quantize_fp8, unpack_rows
 
 # Set by `EngramPreTrainedModel.from_pretrained`: host/disk tables are then read from the checkpoint files by
 # `attach_checkpoint_tables`, never by transformers' loader (which would materialise them whole).
@@ -40,6 +41,7 @@ _SAFETENSORS_DTYPES = {
 _executors: dict[str, ThreadPoolExecutor] = {}
 _executor_lock = threading.Lock()
 DISK_READ_CHUNKS = 8  # concurrent page-fault readers per disk gather: SSDs serve random reads best at depth > 1
+CONVERT_CHUNK_ROWS = 1 << 18  # rows re-encoded at a time by `EngramTable.convert_rows` (bounded scratch memory)
 
 
 def _executor(name: str, workers: int) -> ThreadPoolExecutor:
@@ -101,7 +103,7 @@ class HotRowCache:
         self.refresh_every = refresh_every
         self.counts: torch.Tensor | None = None
         self.ids: torch.Tensor | None = None  # sorted global row ids [K], execution device
-        self.rows: torch.Tensor | None = None  # [K, head_dim], execution device
+        self.rows: torch.Tensor | None = None  # [K, compact row] as gathers move them (`pack_rows`), execution device
         self.fetches = 0
         self.lookups = 0
         self.hits = 0
@@ -124,30 +126,35 @@ class HotRowCache:
         slot = torch.searchsorted(self.ids, unique).clamp_(max=self.ids.numel() - 1)
         return self.ids[slot] == unique, slot
 
-    def record(self, unique_on_storage: torch.Tensor, weight: torch.Tensor, device: torch.device) -> None:
+    def record(self, unique_on_storage: torch.Tensor, table: "EngramTable", device: torch.device) -> None:
         if self.counts is None:
-            self.counts = torch.zeros(weight.shape[0], dtype=torch.int32, device=weight.device)
+            self.counts = torch.zeros(table.num_embeddings, dtype=torch.int32, device=unique_on_storage.device)
         self.counts.index_add_(0, unique_on_storage, torch.ones_like(unique_on_storage, dtype=torch.int32))
         self.fetches += 1
         if self.fetches % self.refresh_every == 0:
-            self.refresh(weight, device)
+            self.refresh(table, device)
 
     @torch.no_grad()
-    def refresh(self, weight: torch.Tensor, device: torch.device) -> None:
+    def refresh(self, table: "EngramTable", device: torch.device) -> None:
         k = min(self.capacity, int(torch.count_nonzero(self.counts)))
         if k == 0:
             return
         top = torch.topk(self.counts, k, sorted=False).indices.sort().values
-        self.rows = F.embedding(top, weight).to(device)
+        self.rows = table.compact_rows(top).to(device)
         self.ids = top.to(device)
 
 
 class RowFetch:
-    """A started row gather: `wait()` returns the rows [B, T, heads * head_dim] on the execution device."""
+    """A started row gather: `wait()` returns the rows [B, T, heads * head_dim] on the execution device.
 
-    def __init__(self, result: torch.Tensor | Future, inverse: torch.Tensor | None = None):
+    The gather moves compact rows (`pack_rows`); `wait` decodes them (`unpack_rows`, FP8 dequantised) on the
+    execution device, once per unique row, before spreading them over the positions (`inverse`).
+    """
+
+    def __init__(self, result: torch.Tensor | Future, inverse: torch.Tensor | None = None, unpack=None):
         self._result = result
         self._inverse = inverse
+        self._unpack = unpack
 
     def wait(self) -> torch.Tensor:
         rows = self._result.result() if isinstance(self._result, Future) else self._result
@@ -155,6 +162,8 @@ class RowFetch:
             rows, event = rows
             torch.cuda.current_stream(rows.device).wait_event(event)
             rows.record_stream(torch.cuda.current_stream(rows.device))
+        if self._unpack is not None:
+            rows = self._unpack(rows)
         if self._inverse is not None:
             rows = rows[self._inverse]
         return rows.flatten(-2)
@@ -168,24 +177,41 @@ class EngramTable(nn.Embedding):
     background and returns a `RowFetch`. Host and disk tables stay where they are when the model moves
     (`model.to("cuda")` moves everything else), and keep their stored dtype.
 
+    `row_format` (`engram_row_format`) fixes how rows are stored, whatever the model's dtype: "fp32", "bf16",
+    "fp16", or "fp8_e4m3" (e4m3 `weight` plus ue8m0 `weight_scale` [rows, head_dim / 32], see row_formats.py);
+    None keeps rows in the model's dtype. Gathers read and move compact rows only and decode them after the copy.
+
     An `nn.Embedding` for its `sparse` flag (off by default): `training.py` turns it on, and the weight then gets
     sparse gradients over the gathered rows only, which DistributedDataParallel (it recognises embeddings by type)
     all-reduces sparsely.
     """
 
     def __init__(
-        self, table_sizes: list[int], head_dim: int, storage: str = "device", cache_rows: int = 0, kernel: str = "auto"
+        self,
+        table_sizes: list[int],
+        head_dim: int,
+        storage: str = "device",
+        cache_rows: int = 0,
+        kernel: str = "auto",
+        row_format: str | None = None,
     ):
         external = storage != "device" and EXTERNAL_TABLES.get()
+        fmt = get_row_format(row_format, head_dim)
         rows = sum(table_sizes)  # the weight is filled by `_init_weights` or a checkpoint; never by nn.Embedding
-        super().__init__(rows, head_dim, _weight=torch.empty(rows, head_dim, device="meta" if external else None))
+        weight = torch.empty(rows, head_dim, dtype=fmt and fmt.dtype, device="meta" if external else None)
+        super().__init__(rows, head_dim, _weight=weight, _freeze=fmt is not None and not fmt.trainable)
+        self.format: RowFormat | None = fmt
         self.kernel = checked_preference(kernel)  # engram_kernel preference for the device-table gather
         self.table_sizes = list(table_sizes)
         self.head_dim = head_dim
         self.storage = storage
         self.cache = HotRowCache(cache_rows) if cache_rows > 0 else None
         self.mapping: FileMapping | None = None  # disk storage: the memory map behind `weight`
+        self.scale_mapping: FileMapping | None = None  # ... and behind `weight_scale`
         self._copy_stream = None
+        scaled = self.format is not None and self.format.scaled
+        scales = torch.empty(rows, head_dim // SCALE_BLOCK, dtype=torch.uint8, device=weight.device) if scaled else None
+        self.register_buffer("weight_scale", None if external else scales)  # FP8 block scales [rows, head_dim / 32]
         if external:
             self.register_parameter("weight", None)  # read from the checkpoint by `attach_checkpoint_tables`
         self.offsets = nn.Buffer(self.head_offsets(), persistent=False)
@@ -194,34 +220,66 @@ class EngramTable(nn.Embedding):
         sizes = torch.tensor(self.table_sizes, dtype=torch.long)
         return torch.cumsum(sizes, 0) - sizes
 
-    def attach(self, weight: torch.Tensor, requires_grad: bool) -> None:
-        """Install a storage tensor (host memory or a memory map) as this table's weight."""
+    @property
+    def scaled(self) -> bool:
+        return self.format is not None and self.format.scaled
+
+    def attach(self, weight: torch.Tensor, requires_grad: bool, scales: torch.Tensor | None = None) -> None:
+        """Install a storage tensor (host memory or a memory map) as this table's weight (and FP8 scales)."""
         if tuple(weight.shape) != (self.num_embeddings, self.head_dim):
             raise ValueError(
                 f"Engram table weight has shape {tuple(weight.shape)}, the config needs "
                 f"({self.num_embeddings}, {self.head_dim}) (rows from engram_table_sizes, n_embed_per_ngram / heads)."
             )
-        self.weight = nn.Parameter(weight, requires_grad=requires_grad)
+        if self.format is not None and weight.dtype != self.format.dtype:
+            raise ValueError(
+                f"Engram table weight is stored as {weight.dtype}, but engram_row_format={self.format.name!r} stores "
+                f"{self.format.dtype}: convert the checkpoint with `model.quantize_engram_tables(...)` and save it."
+            )
+        if self.scaled:
+            check_scales("Engram table", weight, scales)
+        elif scales is not None:
+            raise ValueError(f"Engram table has a scale tensor, but its rows are {weight.dtype}, not FP8.")
+        self.weight = nn.Parameter(weight, requires_grad=requires_grad and (self.format is None or self.format.trainable))
+        self.weight_scale = scales
 
     def _apply(self, fn, recurse=True):
-        if self.storage == "device" or self.weight is None:
+        if self.weight is None or (self.storage == "device" and self.format is None):
             return super()._apply(fn, recurse)
-        weight = self._parameters.pop("weight")  # host/disk tables never follow the model
+        # Host/disk tables never follow the model; a device table with a row format follows its device only.
+        weight, scales = self._parameters.pop("weight"), self._buffers.pop("weight_scale")
         try:
-            return super()._apply(fn, recurse)
+            result = super()._apply(fn, recurse)
         finally:
-            self._parameters["weight"] = weight
+            self._parameters["weight"], self._buffers["weight_scale"] = weight, scales
+        if self.storage == "device":
+            device = fn(weight.detach()[:0]).device  # where `fn` sends tensors, without converting the table
+            if device != weight.device:
+                self.weight = nn.Parameter(weight.to(device), requires_grad=weight.requires_grad)
+                self.weight_scale = scales.to(device) if scales is not None else None
+        return result
+
+    def compact_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Stored rows `ids` as gathers move them, where the table lives: [U, head_dim] values, or for FP8 uint8
+        [U, head_dim + head_dim / 32] (value bytes, then scale bytes)."""
+        if self.weight_scale is None:
+            return F.embedding(ids, self.weight, sparse=self.sparse)
+        return pack_rows(F.embedding(ids, self.weight.view(torch.uint8)), F.embedding(ids, self.weight_scale))
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """Rows [..., head_dim] from `compact_rows` output: FP8 dequantised to bf16 (exact), others as stored."""
+        return unpack_rows(packed, self.head_dim, torch.bfloat16)
 
     def _gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """`weight[ids]` where the table lives; disk tables fault their pages in from several threads at once."""
+        """`compact_rows(ids)`; disk tables fault their pages in from several threads at once."""
         if self.storage != "disk" or ids.numel() < 1024:
-            return F.embedding(ids, self.weight, sparse=self.sparse)
+            return self.compact_rows(ids)
         readers = _executor("engram-disk-read", DISK_READ_CHUNKS)
-        parts = [readers.submit(F.embedding, part, self.weight) for part in ids.chunk(DISK_READ_CHUNKS)]
+        parts = [readers.submit(self.compact_rows, part) for part in ids.chunk(DISK_READ_CHUNKS)]
         return torch.cat([part.result() for part in parts])
 
     def _read(self, unique: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.cuda.Event]:
-        """Rows of the unique ids, copied to the ids' device (a CUDA side stream when that is a GPU)."""
+        """Compact rows of the unique ids, copied to the ids' device (a CUDA side stream when that is a GPU)."""
         device = unique.device
         rows = self._gather_rows(unique.to(self.weight.device))
         if device.type != "cuda" or rows.device == device or rows.requires_grad:
@@ -241,42 +299,99 @@ class EngramTable(nn.Embedding):
             if not use_cache:
                 return self._read(unique)
             hit, slot = self.cache.lookup(unique)
-            missing = unique[~hit]
-            read = self._read(missing)
+            read = self._read(unique[~hit])
             if isinstance(read, tuple):
                 torch.cuda.current_stream(unique.device).wait_event(read[1])
                 read = read[0]
-            rows = torch.empty(unique.shape[0], self.head_dim, dtype=self.weight.dtype, device=unique.device)
+            rows = read.new_empty(unique.shape[0], read.shape[1])
             rows[~hit] = read
             if self.cache.rows is not None:
                 rows[hit] = self.cache.rows[slot[hit]]
             self.cache.lookups += unique.numel()
             self.cache.hits += int(hit.sum())
-            self.cache.record(unique.to(self.weight.device), self.weight, unique.device)
+            self.cache.record(unique.to(self.weight.device), self, unique.device)
             return rows
 
     def fetch(self, hash_ids: torch.LongTensor, asynchronous: bool = False) -> RowFetch:
         if self.storage == "device" and self.cache is None and use_triton(self.kernel, hash_ids, self.weight):
-            rows = load_kernels().gather_rows(self.weight, hash_ids, self.offsets, sparse_grad=self.sparse)
+            kernels = load_kernels()
+            if self.scaled:
+                rows = kernels.gather_fp8_rows(self.weight, self.weight_scale, hash_ids, self.offsets)
+            else:
+                rows = kernels.gather_rows(self.weight, hash_ids, self.offsets, sparse_grad=self.sparse)
             return RowFetch(rows.unflatten(-1, (len(self.table_sizes), self.head_dim)))
         ids = hash_ids + self.offsets.to(hash_ids.device)
         if self.storage == "device" and self.cache is None:
-            return RowFetch(F.embedding(ids, self.weight, sparse=self.sparse))
+            return RowFetch(self.compact_rows(ids), unpack=self.unpack if self.scaled else None)
         unique, inverse = torch.unique(ids, return_inverse=True)
         grad_enabled = torch.is_grad_enabled()
+        unpack = self.unpack if self.scaled else None
         if asynchronous:
             prefetch = _executor("engram-prefetch", 4).submit(self._gather_unique, unique, grad_enabled)
-            return RowFetch(prefetch, inverse)
-        return RowFetch(self._gather_unique(unique, grad_enabled), inverse)
+            return RowFetch(prefetch, inverse, unpack)
+        return RowFetch(self._gather_unique(unique, grad_enabled), inverse, unpack)
 
     def forward(self, hash_ids: torch.LongTensor) -> torch.Tensor:
         return self.fetch(hash_ids).wait()
 
+    def stored_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) decoded to fp32, where the table lives."""
+        values = self.weight[start:stop].detach()
+        if self.weight_scale is None:
+            return values.float()
+        return unpack_rows(pack_rows(values, self.weight_scale[start:stop]), self.head_dim, torch.float32)
+
+    @torch.no_grad()
+    def init_fp8_rows(self, std: float) -> None:
+        """Draw N(0, std) rows and store them quantised (FP8 tensors have no `normal_`); keeps loaded rows."""
+        if getattr(self.weight, "_is_hf_initialized", False) or self.weight.device.type == "meta":
+            return
+        for start in range(0, self.num_embeddings, CONVERT_CHUNK_ROWS):
+            stop = min(start + CONVERT_CHUNK_ROWS, self.num_embeddings)
+            rows = torch.randn(stop - start, self.head_dim, device=self.weight.device) * std
+            self.weight[start:stop], self.weight_scale[start:stop] = quantize_fp8(rows)
+
+    @torch.no_grad()
+    def convert_rows(self, name: str, progress=None) -> None:
+        """Re-store every row in row format `name` (FP8: quantised per block of 32), in place of the old rows.
+
+        Works on device and host tables, `CONVERT_CHUNK_ROWS` rows at a time; `progress(rows)` is called after each
+        chunk. A disk table is a memory map of its checkpoint: convert the model before saving it instead.
+        """
+        target = get_row_format(name, self.head_dim)
+        if self.weight is None or self.storage == "disk":
+            raise ValueError(
+                "convert the Engram tables of a model loaded with engram_storage='device' or 'host', then save it; "
+                "this table is memory-mapped from its checkpoint (engram_storage='disk')."
+            )
+        device, pinned = self.weight.device, self.weight.is_pinned()
+        values = torch.empty(self.weight.shape, dtype=target.dtype, device=device, pin_memory=pinned)
+        scales = None
+        if target.scaled:
+            scales = torch.empty(self.num_embeddings, self.head_dim // SCALE_BLOCK, dtype=torch.uint8, device=device,
+                                 pin_memory=pinned)
+        for start in range(0, self.num_embeddings, CONVERT_CHUNK_ROWS):
+            stop = min(start + CONVERT_CHUNK_ROWS, self.num_embeddings)
+            rows = self.stored_rows(start, stop)
+            if scales is None:
+                values[start:stop] = rows
+            else:
+                values[start:stop], scales[start:stop] = quantize_fp8(rows)
+            if progress is not None:
+                progress(stop - start)
+        requires_grad = self.weight.requires_grad or (self.format is not None and not self.format.trainable)
+        self.format = target
+        self.weight = nn.Parameter(values, requires_grad=requires_grad and target.trainable)
+        self.weight_scale = scales
+        if self.cache is not None:
+            self.cache.clear()
+
     def extra_repr(self) -> str:
         cache = f", cache_rows={self.cache.capacity}" if self.cache is not None else ""
+        row = f", row_format={self.format.name}" if self.format is not None else ""
         return (
             f"heads={len(self.table_sizes)}, rows={self.num_embeddings}, head_dim={self.head_dim}, "
-            f"storage={self.storage}{cache}"
+            f"storage={self.storage}{row}{cache}"
         )
 
 
@@ -284,7 +399,7 @@ def attach_checkpoint_tables(model: nn.Module, checkpoint_files: list[str] | Non
     """Give every external (host/disk) table of `model` its weight from the checkpoint's safetensors files.
 
     "disk" maps the file pages (nothing is read until rows are gathered); "host" copies the table into CPU
-    memory, pinned when CUDA is present.
+    memory, pinned when CUDA is present. FP8 tables bring their `weight_scale` the same way.
     """
     tables = {name: m for name, m in model.named_modules() if isinstance(m, EngramTable) and m.weight is None}
     if not tables:
@@ -293,19 +408,28 @@ def attach_checkpoint_tables(model: nn.Module, checkpoint_files: list[str] | Non
     if not files:
         raise ValueError("host/disk Engram tables are read from safetensors checkpoints; none was found.")
     index = {key: (path, entry) for path in files for key, entry in safetensors_index(path).items()}
-    for name, table in tables.items():
-        key = f"{name}.weight"
-        candidates = [key, key.removeprefix("model."), f"model.{key}"]
-        found = next((index[c] for c in candidates if c in index), None)
-        if found is None:
-            raise ValueError(f"checkpoint has no tensor {key!r} for an Engram table with storage={table.storage!r}")
-        mapping = FileMapping(*found)
-        if table.storage == "host":
-            weight = torch.empty(mapping.tensor.shape, dtype=mapping.tensor.dtype, pin_memory=torch.cuda.is_available())
-            table.attach(weight.copy_(mapping.tensor), requires_grad=True)
-        else:
-            table.attach(mapping.tensor, requires_grad=False)
-            table.mapping = mapping
+    def find(key: str) -> tuple[str, tuple] | None:
+        return next((index[c] for c in (key, key.removeprefix("model."), f"model.{key}") if c in index), None)
 
+    for name, table in tables.items():
+        found = find(f"{name}.weight")
+        if found is None:
+            raise ValueError(
+                f"checkpoint has no tensor {name + '.weight'!r} for an Engram table with storage={table.storage!r}"
+            )
+        mapping = FileMapping(*found)
+        scale_entry = find(f"{name}.weight_scale")
+        scale_mapping = FileMapping(*scale_entry) if scale_entry is not None else None
+        scales = scale_mapping.tensor if scale_mapping is not None else None
+        if table.storage == "host":
+            pinned = torch.cuda.is_available()
+            weight = torch.empty(mapping.tensor.shape, dtype=mapping.tensor.dtype, pin_memory=pinned)
+            if scales is not None:
+                check_scales(f"checkpoint tensor {name}.weight_scale", mapping.tensor, scales)
+                scales = torch.empty(scales.shape, dtype=scales.dtype, pin_memory=pinned).copy_(scales)
+            table.attach(weight.copy_(mapping.tensor), requires_grad=True, scales=scales)
+        else:
+            table.attach(mapping.tensor, requires_grad=False, scales=scales)
+            table.mapping, table.scale_mapping = mapping, scale_mapping
 
 __all__ = ["EngramTable", "FileMapping", "HotRowCache", "RowFetch", "attach_checkpoint_tables", "safetensors_index"]

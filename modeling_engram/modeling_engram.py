@@ -186,7 +186,7 @@ class EngramPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": EngramDecoderLayer, "attentions": EngramAttention}
     # Host/disk tables are read by `attach_checkpoint_tables`, so transformers must not load (or warn about) them.
-    _keys_to_ignore_on_load_unexpected = [r"engram\.table\.weight$"]
+    _keys_to_ignore_on_load_unexpected = [r"engram\.table\.weight(_scale)?$"]
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -195,7 +195,9 @@ class EngramPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, EngramTable):  # an nn.Embedding: initialised here alone, so its rows are drawn once
-            if module.weight is not None and module.weight.requires_grad:
+            if module.weight is not None and module.scaled:
+                module.init_fp8_rows(std)
+            elif module.weight is not None and module.weight.requires_grad:
                 init.normal_(module.weight, mean=0.0, std=std)
             init.copy_(module.offsets, module.head_offsets())
             return
