@@ -4,9 +4,9 @@ Installed under the import name `engram_kernels` (the name `kernels` belongs to 
 library). The model reaches these functions only through `modeling_engram/kernel_dispatch.py`.
 """
 
-from .gather import gather_rows, row_gradients
+from .gather import gather_fp8_rows, gather_rows, row_gradients
 from .gate import fused_gate
 from .hash import ngram_hash
 from .utils import INTERPRETED, runnable_on
 
-__all__ = ["INTERPRETED", "fused_gate", "gather_rows", "ngram_hash", "row_gradients", "runnable_on"]
+__all__ = ["INTERPRETED", "fused_gate", "gather_fp8_rows", "gather_rows", "ngram_hash", "row_gradients", "runnable_on"]

@@ -106,10 +106,11 @@ def _plain(module: nn.Module, kind: type) -> bool:
 
 class EngramGate(nn.Module):
     """The context-aware gate as a module (no parameters), so forward hooks can read alpha [B, T, M, 1]
-    (`visualize.gate_heatmap` does)."""
+    (`visualize.gate_heatmap` does). `live` [B, T, 1, 1] zeroes the gate at dead tokens."""
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        return signed_sqrt_gate(query, key)
+    def forward(self, query: torch.Tensor, key: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+        gate = signed_sqrt_gate(query, key)
+        return gate if live is None else gate * live.to(gate.dtype)
 
 
 class EngramShortConv(nn.Module):
@@ -229,23 +230,33 @@ class EngramLayer(nn.Module):
             and _plain(self.gate, EngramGate) and conv_plain
         )
 
-    def gated_values(self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """u_m = alpha_m v for hidden [B, T, hc, D], projected keys [B, T, hc, D], value [B, T, D]: [B, T, hc, D]."""
+    def gated_values(
+        self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor, live: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """u_m = alpha_m v for hidden [B, T, hc, D], projected keys [B, T, hc, D], value [B, T, D]: [B, T, hc, D];
+        alpha is 0 where `live` [B, T, 1, 1] is (dead tokens)."""
         # The fused kernel never materialises alpha and reads the norm weights itself: it runs while the gate is
         # unwatched (gate_heatmap) and the norms are plain (PEFT's trainable copies act only through their forward).
         plain = _plain(self.gate, EngramGate) and _plain(self.query_norm, BranchRMSNorm)
         if plain and _plain(self.key_norm, BranchRMSNorm) and use_triton(self.kernel, hidden_states, key, value):
-            return load_kernels().fused_gate(
+            values = load_kernels().fused_gate(
                 hidden_states, key, value, self.query_norm.weight, self.key_norm.weight, self.query_norm.variance_epsilon
             )
-        gate = self.gate(self.query_norm(hidden_states), self.key_norm(key))
+            return values if live is None else values * live.to(values.dtype)
+        gate = self.gate(self.query_norm(hidden_states), self.key_norm(key), live)
         return gate * value.unsqueeze(-2)
 
     def factored(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: Cache | None, mask: torch.Tensor | None
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cache: Cache | None,
+        mask: torch.Tensor | None,
+        live: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """U + SiLU(Conv(RMSNorm(U) * mask)) for query/key [B, T, M, D], value [B, T, D], mask [B, T, 1, 1] or None
-        (U alone without a short conv).
+        (U alone without a short conv); alpha is 0 where `live` [B, T, 1, 1] is.
 
         u_m = alpha_m v, so RMSNorm(u_m) = w_c,m * v * s_m with s_m = alpha_m / sqrt(alpha_m^2 ms(v) + eps): the conv
         input is the shared value scaled per branch. Without autograd the products and the conv inputs are computed
@@ -256,6 +267,8 @@ class EngramLayer(nn.Module):
         alpha = normed_gate(
             query, key, query_norm.weight, self.key_norm.weight, query_norm.variance_epsilon, overwrite_key=inference
         )  # [B, T, M, 1], fp32 (or fp64)
+        if live is not None:
+            alpha = alpha * live
         if self.short_conv is None:
             return alpha.to(value.dtype) * value.unsqueeze(-2)
         eps, dim = conv_norm.variance_epsilon, value.shape[-1]
@@ -278,16 +291,19 @@ class EngramLayer(nn.Module):
         cache: Cache | None = None,
         token_mask: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
+        live_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`rows` [B, T, d_mem]: memory rows fetched ahead (prefetch); gathered here from `hash_ids` otherwise.
-        `token_mask` [B, T]: padding positions (0) feed zeros to the conv, as positions before the start do."""
+        `token_mask` [B, T]: padding positions (0) feed zeros to the conv, as positions before the start do.
+        `live_mask` [B, T]: False at dead tokens (`engram_dead_token_ids`), where the gate is 0."""
         branches = (self.hc_mult, self.hidden_size)
         value, keys = self.kv_proj(self.table(hash_ids) if rows is None else rows)
         query, key = hidden_states.unflatten(-1, branches), keys.unflatten(-1, branches)
+        live = None if live_mask is None else live_mask[..., None, None].to(torch.float32)  # [B, T, 1, 1]
         if self._can_factor() and not use_triton(self.kernel, query, key, value):
             mask = None if token_mask is None else token_mask[..., None, None].to(value.dtype)  # [B, T, 1, 1]
-            return self.factored(query, key, value, cache, mask).flatten(-2)
-        values = self.gated_values(query, key, value)
+            return self.factored(query, key, value, cache, mask, live).flatten(-2)
+        values = self.gated_values(query, key, value, live)
         if self.short_conv is None:
             return values.flatten(-2)
         conv_inputs = self.conv_norm(values)

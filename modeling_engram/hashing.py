@@ -6,6 +6,8 @@ from torch import nn
 from .configuration_engram import EngramConfig
 from .kernel_dispatch import checked_preference, load_kernels, use_triton
 
+DEAD = -1  # compressed id of a dead token (engram_dead_token_ids), in the hashed sequence and the cache's history
+
 
 class EngramHasher(nn.Module):
     """Maps raw token ids to per-head row ids of every Engram layer's tables.
@@ -14,9 +16,14 @@ class EngramHasher(nn.Module):
     head j of order n reads row `mix_n % p_{l,n,j}`. All products are non-negative and below 2**63 (the config
     bounds the multipliers by int64_max // V'), so torch's floor `%` equals the demo's numpy `%` bit for bit.
 
-    Buffers: `token_map` [vocab_size] (persistent: part of the checkpoint), `multiplier_tensor` [L, N] and
-    `table_size_tensor` [L, (N-1) * H] (rebuilt from the config, which stores them as JSON). The same constants
-    as Python ints: `multipliers` and `table_sizes`, `{layer_id: [int, ...]}`.
+    Dead tokens (`engram_dead_token_ids`, DeepSeek-V4.1's image placeholders) compress to `DEAD`; an n-gram never
+    reaches across one: in the window of position t, x'_{t-k} reads the pad id when any of x_{t-k} .. x_t is dead
+    (so a dead token and everything before it read as the start of a sequence). The history kept in the
+    generation cache holds `DEAD` too, so cached decoding cuts the n-grams where a full forward does.
+
+    Buffers: `token_map` [vocab_size] (persistent: part of the checkpoint), `multiplier_tensor` [L, N],
+    `table_size_tensor` [L, (N-1) * H] and `dead_tokens` [vocab_size] uint8 (rebuilt from the config, which stores
+    them as JSON). The same constants as Python ints: `multipliers` and `table_sizes`, `{layer_id: [int, ...]}`.
     """
 
     def __init__(self, config: EngramConfig, token_map: torch.Tensor | None = None):
@@ -34,6 +41,8 @@ class EngramHasher(nn.Module):
         self.token_map_checked = False
         self.multiplier_tensor = nn.Buffer(torch.tensor(config.engram_multipliers, dtype=torch.long), persistent=False)
         self.table_size_tensor = nn.Buffer(torch.tensor(config.engram_table_sizes, dtype=torch.long), persistent=False)
+        self.dead_token_ids = list(config.engram_dead_token_ids)
+        self.dead_tokens = nn.Buffer(self.default_dead_tokens(), persistent=False)
         if token_map is not None:
             self.set_token_map(token_map)
 
@@ -42,6 +51,16 @@ class EngramHasher(nn.Module):
         if self.compressed_vocab_size == self.vocab_size:
             return torch.arange(self.vocab_size, dtype=torch.long)
         return torch.full((self.vocab_size,), -1, dtype=torch.long)
+
+    def default_dead_tokens(self) -> torch.Tensor:
+        """[vocab_size] uint8, 1 at the dead token ids."""
+        dead = torch.zeros(self.vocab_size, dtype=torch.uint8)
+        dead[self.dead_token_ids] = 1
+        return dead
+
+    def live_mask(self, input_ids: torch.LongTensor) -> torch.Tensor | None:
+        """[B, T] bool, False at dead tokens (their gate is 0); None when the config has no dead tokens."""
+        return None if not self.dead_token_ids else self.dead_tokens[input_ids] == 0
 
     @torch.no_grad()
     def set_token_map(self, token_map: torch.Tensor) -> None:
@@ -76,8 +95,10 @@ class EngramHasher(nn.Module):
         self.token_map_checked = self.token_map_checked or stored
 
     def compress(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
-        """Compressed ids [B, T]; positions where `attention_mask` is 0 read the compressed pad id."""
+        """Compressed ids [B, T]; dead tokens give `DEAD`, positions where `attention_mask` is 0 the compressed pad id."""
         compressed = self.token_map[input_ids]
+        if self.dead_token_ids:
+            compressed = torch.where(self.dead_tokens[input_ids].bool(), DEAD, compressed)
         if attention_mask is not None:
             compressed = torch.where(attention_mask.bool(), compressed, self.token_map[self.pad_id])
         return compressed
@@ -95,11 +116,14 @@ class EngramHasher(nn.Module):
         if use_triton(self.kernel, tokens, self.token_map):
             hash_ids = load_kernels().ngram_hash(
                 tokens[:, n - 1 :], self.token_map, self.multiplier_tensor, self.table_size_tensor,
-                pad_id=self.pad_id, history=tokens[:, : n - 1], compressed=True,
+                pad_id=self.pad_id, history=tokens[:, : n - 1], compressed=True, dead=self._dead_for_kernel(),
             )
             return dict(zip(self.layer_ids, hash_ids.unbind(0)))
         layers, orders = len(self.layer_ids), n - 1
         windows = tokens.unfold(1, n, 1)  # [B, T, N]: windows[..., j] = x'_{t-(N-1)+j}
+        if self.dead_token_ids:  # x'_{t-k} reads the pad id when any of x_{t-k} .. x_t is dead
+            cut = (windows == DEAD).flip(-1).to(torch.uint8).cummax(-1).values.flip(-1).bool()
+            windows = torch.where(cut, self.token_map[self.pad_id], windows)
         # products[..., j] = x'_{t-k} * m_k with k = N-1-j: [L, B, T, N]
         products = windows.unsqueeze(0) * self.multiplier_tensor.flip(-1).view(layers, 1, 1, n)
         mix = products[..., n - 1]
@@ -118,16 +142,20 @@ class EngramHasher(nn.Module):
         if use_triton(self.kernel, input_ids, self.token_map):  # token map, mask and hash in one launch
             hash_ids = load_kernels().ngram_hash(
                 input_ids, self.token_map, self.multiplier_tensor, self.table_size_tensor,
-                pad_id=self.pad_id, token_mask=attention_mask,
+                pad_id=self.pad_id, token_mask=attention_mask, dead=self._dead_for_kernel(),
             )
             return dict(zip(self.layer_ids, hash_ids.unbind(0)))
         compressed = self.compress(input_ids, attention_mask)
         return self.hash_tokens(torch.cat([self.start_history(input_ids), compressed], dim=1))
 
+    def _dead_for_kernel(self) -> torch.Tensor | None:
+        return self.dead_tokens if self.dead_token_ids else None
+
     def extra_repr(self) -> str:
+        dead = f", dead_token_ids={self.dead_token_ids}" if self.dead_token_ids else ""
         return (
             f"layers={self.layer_ids}, max_ngram_size={self.max_ngram_size}, heads={self.n_head_per_ngram}, "
-            f"compressed_vocab_size={self.compressed_vocab_size}"
+            f"compressed_vocab_size={self.compressed_vocab_size}{dead}"
         )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -143,6 +144,7 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         engram_hash_ids: dict[int, torch.LongTensor] | None = None,
         engram_token_mask: torch.Tensor | None = None,
+        engram_live_mask: torch.Tensor | None = None,
         engram_rows: dict[int, RowFetch] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
@@ -153,6 +155,7 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
                 engram_hash_ids[self.layer_idx],
                 cache=cache,
                 token_mask=engram_token_mask,
+                live_mask=engram_live_mask,
                 rows=fetched.wait() if fetched is not None else None,
             )
         layer_input, post, res = self.attn_hc(hidden_states)
@@ -219,6 +222,7 @@ class EngramPreTrainedModel(PreTrainedModel):
             init.copy_(module.token_map, module.default_token_map())
             init.copy_(module.multiplier_tensor, torch.tensor(self.config.engram_multipliers, dtype=torch.long))
             init.copy_(module.table_size_tensor, torch.tensor(self.config.engram_table_sizes, dtype=torch.long))
+            init.copy_(module.dead_tokens, module.default_dead_tokens())
 
     @torch.no_grad()
     def update_router_biases(self) -> None:
@@ -228,6 +232,17 @@ class EngramPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, EngramTopKRouter):
                 module.update_bias()
+
+    def quantize_engram_tables(self, row_format: str = "fp8_e4m3") -> None:
+        """Re-store every Engram table in `row_format` ("fp8_e4m3", "bf16", "fp16" or "fp32"; FP8 quantised per
+        block of 32 values with power-of-two scales) and record it in the config, so `save_pretrained` writes the
+        compact rows and every storage reloads them. FP8 tables serve inference; they do not train."""
+        tables = [m for m in self.modules() if isinstance(m, EngramTable)]
+        with tqdm(total=sum(t.num_embeddings for t in tables), desc=f"Engram rows -> {row_format}", unit="row",
+                  disable=len(tables) == 0) as progress:
+            for table in tables:
+                table.convert_rows(row_format, progress=progress.update)
+        self.config.engram_row_format = row_format
 
     def set_token_map(self, token_map: torch.Tensor) -> None:
         """Install the tokenizer-compression map built by `build_token_map` (checked against the config)."""
@@ -411,6 +426,7 @@ class EngramModel(EngramPreTrainedModel):
                 use_cache=use_cache,
                 engram_hash_ids=hash_ids,
                 engram_token_mask=token_mask,
+                engram_live_mask=self.hasher.live_mask(input_ids),
                 engram_rows=rows,
                 **kwargs,
             )

@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim.adam import adam
 from transformers import Trainer
 
+from .engram_layer import EngramLayer
 from .memory import EngramTable
 from .modeling_engram import EngramPreTrainedModel
 from .moe import EngramTopKRouter
@@ -45,6 +46,23 @@ _SPARSE_NORM_LIBRARY = []  # keeps the torch.library registration alive
 def engram_tables(model: nn.Module) -> list[EngramTable]:
     """Every Engram memory table of `model` (also inside a PEFT or DDP wrapper)."""
     return [module for module in model.modules() if isinstance(module, EngramTable)]
+
+
+def check_trainable_row_format(model: nn.Module) -> None:
+    """Refuse training a model whose Engram tables are FP8 (nothing can update e4m3 rows), unless only the gating
+    trains (`gating_peft_config`: the tables stay frozen either way)."""
+    fp8 = [table for table in engram_tables(model) if table.scaled]
+    if not fp8:
+        return
+    gating = [f".{name}." for name in (*EngramLayer.gating_projections, *EngramLayer.gating_norms)]
+    others = [name for name, p in model.named_parameters() if p.requires_grad and not any(g in name for g in gating)]
+    if others:
+        raise ValueError(
+            f"this model's Engram tables are {fp8[0].format.name} (engram_row_format), which cannot be trained: "
+            "train with fp32 or bf16 tables and quantise afterwards (`model.quantize_engram_tables('fp8_e4m3')`), "
+            f"or fine-tune only the gating (`gating_peft_config`). Trainable parameters besides the gating: "
+            f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}."
+        )
 
 
 def _sparse_vector_norm(tensor, ord=2, dim=None, keepdim=False, *, dtype=None):
@@ -259,6 +277,7 @@ def create_engram_optimizer(
     """
     if table_lr_multiplier <= 0:
         raise ValueError(f"table_lr_multiplier={table_lr_multiplier} is invalid; it must be > 0.")
+    check_trainable_row_format(model)
     set_sparse_table_grads(model, sparse_table_grads)
     groups = engram_parameter_groups(model, lr, weight_decay, table_lr_multiplier)
     optimizer = EngramAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

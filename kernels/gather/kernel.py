@@ -35,6 +35,37 @@ def _gather_rows_kernel(
 
 
 @triton.jit
+def _gather_fp8_rows_kernel(
+    values_ptr,  # [R, D] uint8: e4m3 bits
+    scales_ptr,  # [R, D / 32] uint8: ue8m0 exponents
+    ids_ptr,  # [P] head-local row ids, heads fastest
+    offsets_ptr,  # [K] int64
+    out_ptr,  # [P, D] bf16
+    pairs,
+    K,
+    D,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    p_ok = p < pairs
+    row = tl.load(ids_ptr + p, mask=p_ok, other=0) + tl.load(offsets_ptr + p % K, mask=p_ok, other=0)
+    mask = p_ok[:, None] & (d < D)[None, :]
+    bits = tl.load(values_ptr + row[:, None] * D + d[None, :], mask=mask, other=0).to(tl.int32)
+    byte = tl.load(scales_ptr + row[:, None] * (D // 32) + (d // 32)[None, :], mask=mask, other=127).to(tl.int32)
+    # e4m3fn -> fp32 from its bits (exact): normal numbers rebias the exponent (7 -> 127), subnormals are m * 2**-9.
+    sign = tl.where((bits & 0x80) != 0, -1.0, 1.0)
+    exponent = (bits >> 3) & 0xF
+    mantissa = bits & 0x7
+    normal = ((exponent + 120) << 23 | mantissa << 20).to(tl.float32, bitcast=True)
+    magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
+    magnitude = tl.where((exponent == 15) & (mantissa == 7), float("nan"), magnitude)
+    scale = (byte << 23).to(tl.float32, bitcast=True)  # 2 ** (byte - 127), byte in [1, 254]
+    tl.store(out_ptr + p[:, None] * D + d[None, :], (sign * magnitude * scale).to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
 def _row_grads_atomic_kernel(
     grad_ptr,  # [P, D] gradient of the gathered rows
     slot_ptr,  # [P] int64: index of each pair's row among the unique rows
@@ -95,6 +126,20 @@ def _launch_gather(weight: torch.Tensor, ids: torch.Tensor, offsets: torch.Tenso
     grid = (triton.cdiv(flat_ids.numel(), block_p), triton.cdiv(dim, block_d))
     _gather_rows_kernel[grid](
         weight, weight.stride(0), flat_ids, offsets, out, flat_ids.numel(), heads, dim,
+        BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps_for(block_p * block_d),
+    )
+    return out
+
+
+def _launch_gather_fp8(values, scales, ids, offsets) -> torch.Tensor:
+    heads, dim = offsets.numel(), values.shape[1]
+    flat_ids = ids.reshape(-1)
+    out = torch.empty(flat_ids.numel(), dim, dtype=torch.bfloat16, device=values.device)
+    block_p, block_d = _blocks(dim)
+    block_p = min(block_p, next_power_of_2(max(1, flat_ids.numel())))
+    grid = (triton.cdiv(flat_ids.numel(), block_p), triton.cdiv(dim, block_d))
+    _gather_fp8_rows_kernel[grid](
+        values.view(torch.uint8), scales, flat_ids, offsets, out, flat_ids.numel(), heads, dim,
         BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps_for(block_p * block_d),
     )
     return out
@@ -186,6 +231,28 @@ def gather_rows(
     return GatherRows.apply(weight, hash_ids.contiguous(), offsets.contiguous(), deterministic, sparse_grad)
 
 
+def gather_fp8_rows(
+    values: torch.Tensor, scales: torch.Tensor, hash_ids: torch.LongTensor, offsets: torch.LongTensor
+) -> torch.Tensor:
+    """Dequantised memory rows `[..., K * D]` bf16 from an FP8 flat table (DeepSeek-V4.1's layout): e4m3
+    `values [R, D]` and ue8m0 `scales [R, D / 32]` uint8, row = float(e4m3) * 2 ** (byte - 127), exact in bf16.
+
+    Reads only the value and scale bytes of the gathered rows (D + D / 32 bytes per row) and dequantises in
+    registers. Inference only: FP8 tables are not differentiable.
+    """
+    _check_gather_args("gather_fp8_rows", values, hash_ids, offsets)
+    if values.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"gather_fp8_rows: values must be float8_e4m3fn, got {values.dtype}")
+    if values.shape[1] % 32 or scales.dtype != torch.uint8 or tuple(scales.shape) != (values.shape[0], values.shape[1] // 32):
+        raise ValueError(
+            f"gather_fp8_rows: scales {scales.dtype} {tuple(scales.shape)} must be uint8 [R, D / 32] for values "
+            f"{tuple(values.shape)} (D a multiple of 32)"
+        )
+    check_runnable("gather_fp8_rows", values, scales, hash_ids, offsets)
+    rows = _launch_gather_fp8(values.contiguous(), scales.contiguous(), hash_ids.contiguous(), offsets.contiguous())
+    return rows.view(*hash_ids.shape[:-1], hash_ids.shape[-1] * values.shape[1])
+
+
 def row_gradients(
     grad_rows: torch.Tensor,
     hash_ids: torch.LongTensor,
@@ -211,4 +278,4 @@ def row_gradients(
     return _launch_row_grads(grad_rows.reshape(rows.numel(), -1).contiguous(), rows, deterministic)
 
 
-__all__ = ["gather_rows", "row_gradients"]
+__all__ = ["gather_fp8_rows", "gather_rows", "row_gradients"]

@@ -9,6 +9,17 @@ def gather_rows_reference(weight: torch.Tensor, hash_ids: torch.LongTensor, offs
     return F.embedding(hash_ids + offsets, weight).flatten(-2)
 
 
+def gather_fp8_rows_reference(
+    values: torch.Tensor, scales: torch.Tensor, hash_ids: torch.LongTensor, offsets: torch.LongTensor
+) -> torch.Tensor:
+    """`[..., K * D]` bf16: FP8 rows `float(values[r]) * 2 ** (scales[r] - 127)`, each scale byte over 32 values."""
+    rows = hash_ids + offsets
+    decoded = F.embedding(rows, values.view(torch.uint8)).view(torch.float8_e4m3fn).float()
+    exponents = F.embedding(rows, scales).int() - 127
+    scaled = torch.ldexp(decoded, exponents.repeat_interleave(32, dim=-1))
+    return scaled.to(torch.bfloat16).flatten(-2)
+
+
 def row_gradients_reference(
     grad_rows: torch.Tensor, hash_ids: torch.LongTensor, offsets: torch.LongTensor
 ) -> tuple[torch.LongTensor, torch.Tensor]:
@@ -38,4 +49,4 @@ def row_gradients_in_order(
     return unique, out
 
 
-__all__ = ["gather_rows_reference", "row_gradients_reference", "row_gradients_in_order"]
+__all__ = ["gather_fp8_rows_reference", "gather_rows_reference", "row_gradients_reference", "row_gradients_in_order"]

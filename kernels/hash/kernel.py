@@ -20,6 +20,7 @@ def _ngram_hash_kernel(
     mask_ptr,  # [B, T], 0 = padding: reads the pad id (HAS_MASK)
     mask_stride,
     token_map_ptr,  # [V] raw id -> compressed id
+    dead_ptr,  # [V] uint8, 1 = dead raw id (HAS_DEAD; with compressed ids, dead positions hold -1)
     pad_id,  # raw pad id, compressed through the token map
     multipliers_ptr,  # [L, N] int64
     table_sizes_ptr,  # [L, K] int64, K = (N-1) * HEADS
@@ -35,6 +36,7 @@ def _ngram_hash_kernel(
     HAS_HISTORY: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_OFFSETS: tl.constexpr,
+    HAS_DEAD: tl.constexpr,
 ):
     K: tl.constexpr = (N - 1) * HEADS
     b = tl.program_id(1).to(tl.int64)
@@ -48,12 +50,16 @@ def _ngram_hash_kernel(
 
     mix = tl.zeros([BLOCK_T], dtype=tl.int64)
     mix_cols = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int64)
+    cut = tl.zeros([BLOCK_T], dtype=tl.int1)
     for k in tl.static_range(N):
         pos = t - k  # x'_{t-k}; negative positions read the history (or the pad id)
         from_ids = in_seq & (pos >= 0)
         x = tl.load(ids_ptr + b * ids_stride + pos, mask=from_ids, other=0).to(tl.int64)
         if MAP_IDS:
-            x = tl.load(token_map_ptr + x, mask=from_ids, other=0).to(tl.int64)
+            raw = x
+            x = tl.load(token_map_ptr + raw, mask=from_ids, other=0).to(tl.int64)
+            if HAS_DEAD:
+                x = tl.where(tl.load(dead_ptr + raw, mask=from_ids, other=0) != 0, -1, x)
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * mask_stride + pos, mask=from_ids, other=1) != 0
             x = tl.where(keep, x, pad)
@@ -62,6 +68,9 @@ def _ngram_hash_kernel(
             x = tl.where(pos >= 0, x, before.to(tl.int64))
         else:
             x = tl.where(pos >= 0, x, pad)
+        if HAS_DEAD:  # no n-gram reaches across a dead token: it and everything older read the pad id
+            cut = cut | (x < 0)
+            x = tl.where(cut, pad, x)
         # 0 <= x' < V' and 1 <= m <= int64_max // V' (config-validated): the product cannot overflow.
         product = x * tl.load(multipliers_ptr + layer * N + k)
         mix = mix ^ product
@@ -78,7 +87,9 @@ def _ngram_hash_kernel(
     tl.store(out, rows, mask=in_seq[:, None] & col_ok[None, :])
 
 
-def _launch_ngram_hash(ids, token_map, multipliers, table_sizes, history, token_mask, pad_id, offsets, compressed):
+def _launch_ngram_hash(
+    ids, token_map, multipliers, table_sizes, history, token_mask, pad_id, offsets, compressed, dead
+):
     batch, length = ids.shape
     layers, n = multipliers.shape
     heads = table_sizes.shape[1] // (n - 1)
@@ -89,12 +100,12 @@ def _launch_ngram_hash(ids, token_map, multipliers, table_sizes, history, token_
         ids, ids.stride(0),
         history if history is not None else ids, history.stride(0) if history is not None else 0,
         token_mask if token_mask is not None else ids, token_mask.stride(0) if token_mask is not None else 0,
-        token_map, pad_id,
+        token_map, dead if dead is not None else token_map, pad_id,
         multipliers, table_sizes, offsets if offsets is not None else table_sizes,
         out, batch, length,
         N=n, HEADS=heads, K_PAD=next_power_of_2((n - 1) * heads), BLOCK_T=block_t,
         MAP_IDS=not compressed, HAS_HISTORY=history is not None, HAS_MASK=token_mask is not None,
-        HAS_OFFSETS=offsets is not None,
+        HAS_OFFSETS=offsets is not None, HAS_DEAD=dead is not None,
     )
     return out
 
@@ -114,6 +125,7 @@ def ngram_hash(
     token_mask: torch.Tensor | None = None,
     offsets: torch.Tensor | None = None,
     compressed: bool = False,
+    dead: torch.Tensor | None = None,
 ) -> torch.LongTensor:
     """Row ids of every head of every Engram layer, `[L, B, T, (N-1) * H]` int64, in one launch.
 
@@ -128,6 +140,9 @@ def ngram_hash(
         offsets: `[L, (N-1) * H]` int64 head offsets in each layer's flat table; when given, the ids returned
             are flat-table rows (`offset + row`), otherwise rows inside each head's own table.
         compressed: `ids` are already compressed ids.
+        dead: `[V]` uint8, 1 at dead raw ids (DeepSeek-V4.1's image placeholders). In the window of position t,
+            x'_{t-k} reads the pad id when any of x_{t-k} .. x_t is dead. Compressed `ids` and `history` mark dead
+            positions with -1.
     """
     layers, n = multipliers.shape
     if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
@@ -147,14 +162,17 @@ def ngram_hash(
         raise ValueError(
             f"ngram_hash: offsets has shape {tuple(offsets.shape)}, table_sizes {tuple(table_sizes.shape)}"
         )
+    if dead is not None and (dead.shape != token_map.shape or dead.dtype != torch.uint8):
+        raise ValueError(f"ngram_hash: dead must be uint8 {tuple(token_map.shape)}, got {dead.dtype} {tuple(dead.shape)}")
     if token_mask is not None and token_mask.dtype == torch.bool:
         token_mask = token_mask.to(torch.int8)
-    tensors = [t for t in (ids, token_map, multipliers, table_sizes, history, token_mask, offsets) if t is not None]
+    tensors = [t for t in (ids, token_map, multipliers, table_sizes, history, token_mask, offsets, dead) if t is not None]
     check_runnable("ngram_hash", *tensors)
     return _launch_ngram_hash(
         _rows_contiguous(ids), token_map.contiguous(), multipliers.contiguous(), table_sizes.contiguous(),
         _rows_contiguous(history), _rows_contiguous(token_mask), int(pad_id),
         offsets.contiguous() if offsets is not None else None, compressed,
+        dead.contiguous() if dead is not None else None,
     )
 
 

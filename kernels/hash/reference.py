@@ -14,6 +14,7 @@ def ngram_hash_reference(
     token_mask: torch.Tensor | None = None,
     offsets: torch.Tensor | None = None,
     compressed: bool = False,
+    dead: torch.Tensor | None = None,
 ) -> torch.LongTensor:
     """Same arguments and result as `ngram_hash`: `[L, B, T, (N-1) * H]` int64."""
     layers, n = multipliers.shape
@@ -21,6 +22,8 @@ def ngram_hash_reference(
     batch, length = ids.shape
     pad = token_map[pad_id].long()
     tokens = ids.long() if compressed else token_map[ids].long()
+    if dead is not None and not compressed:
+        tokens = torch.where(dead[ids].bool(), -1, tokens)
     if token_mask is not None:
         tokens = torch.where(token_mask.bool(), tokens, pad)
     before = history.long() if history is not None else pad.expand(batch, n - 1)
@@ -28,8 +31,12 @@ def ngram_hash_reference(
     out = torch.empty(layers, batch, length, (n - 1) * heads, dtype=torch.long, device=ids.device)
     for layer in range(layers):
         mix = torch.zeros(batch, length, dtype=torch.long, device=ids.device)
+        cut = torch.zeros(batch, length, dtype=torch.bool, device=ids.device)
         for k in range(n):
             previous = tokens[:, n - 1 - k : n - 1 - k + length]  # x'_{t-k}
+            if dead is not None:  # x'_{t-k} reads the pad id once any of x_{t-k} .. x_t is dead
+                cut = cut | (previous < 0)
+                previous = torch.where(cut, pad, previous)
             mix = mix ^ (previous * multipliers[layer, k])
             if k == 0:
                 continue
