@@ -395,6 +395,44 @@ class EngramTable(nn.Embedding):
         )
 
 
+class CheckpointTables:
+    """Where each Engram table tensor lies in a checkpoint's safetensors files, read from their headers only."""
+
+    def __init__(self, checkpoint_files: list[str] | None):
+        files = [f for f in checkpoint_files or [] if f.endswith(".safetensors")]
+        self.index = {key: (path, entry) for path in files for key, entry in safetensors_index(path).items()}
+
+    def find(self, key: str) -> tuple[str, tuple] | None:
+        """(file, header entry) of `key`, with or without the "model." prefix of the causal-LM wrapper."""
+        return next((self.index[c] for c in (key, key.removeprefix("model."), f"model.{key}") if c in self.index), None)
+
+    def check(self, name: str, table: EngramTable) -> None:
+        """Raise a ValueError unless the checkpoint stores `table` (module `name`) in its row format."""
+        values, scales = self.find(f"{name}.weight"), self.find(f"{name}.weight_scale")
+        if values is None:
+            return  # a missing table is transformers' report (device) or `attach_checkpoint_tables`' error
+        (path, (dtype, shape, _, _)) = values
+        stored = table.format.name if table.format is not None else "the model's dtype (engram_row_format=None)"
+        if table.format is not None and dtype != table.format.dtype or table.format is None and scales is not None:
+            raise ValueError(
+                f"checkpoint {path}: {name}.weight is {dtype}{' with a weight_scale' if scales else ''}, but the "
+                f"config stores these rows as {stored}; the config and the checkpoint disagree."
+            )
+        if table.scaled:
+            scale = None if scales is None else torch.empty(scales[1][1], dtype=scales[1][0], device="meta")
+            check_scales(f"checkpoint {path}: {name}", torch.empty(shape, dtype=dtype, device="meta"), scale)
+
+
+def check_checkpoint_tables(model: nn.Module, checkpoint_files: list[str] | None) -> None:
+    """Before loading: every Engram table's tensors in the checkpoint must match its row format (FP8 values with
+    scales of the right shape), so nothing is cast or left uninitialised behind a load report."""
+    tables = [(name, m) for name, m in model.named_modules() if isinstance(m, EngramTable)]
+    if tables:
+        checkpoint = CheckpointTables(checkpoint_files)
+        for name, table in tables:
+            checkpoint.check(name, table)
+
+
 def attach_checkpoint_tables(model: nn.Module, checkpoint_files: list[str] | None) -> None:
     """Give every external (host/disk) table of `model` its weight from the checkpoint's safetensors files.
 
@@ -404,32 +442,30 @@ def attach_checkpoint_tables(model: nn.Module, checkpoint_files: list[str] | Non
     tables = {name: m for name, m in model.named_modules() if isinstance(m, EngramTable) and m.weight is None}
     if not tables:
         return
-    files = [f for f in checkpoint_files or [] if f.endswith(".safetensors")]
-    if not files:
+    checkpoint = CheckpointTables(checkpoint_files)
+    if not checkpoint.index:
         raise ValueError("host/disk Engram tables are read from safetensors checkpoints; none was found.")
-    index = {key: (path, entry) for path in files for key, entry in safetensors_index(path).items()}
-    def find(key: str) -> tuple[str, tuple] | None:
-        return next((index[c] for c in (key, key.removeprefix("model."), f"model.{key}") if c in index), None)
-
     for name, table in tables.items():
-        found = find(f"{name}.weight")
+        found = checkpoint.find(f"{name}.weight")
         if found is None:
             raise ValueError(
                 f"checkpoint has no tensor {name + '.weight'!r} for an Engram table with storage={table.storage!r}"
             )
         mapping = FileMapping(*found)
-        scale_entry = find(f"{name}.weight_scale")
+        scale_entry = checkpoint.find(f"{name}.weight_scale")
         scale_mapping = FileMapping(*scale_entry) if scale_entry is not None else None
         scales = scale_mapping.tensor if scale_mapping is not None else None
         if table.storage == "host":
             pinned = torch.cuda.is_available()
             weight = torch.empty(mapping.tensor.shape, dtype=mapping.tensor.dtype, pin_memory=pinned)
             if scales is not None:
-                check_scales(f"checkpoint tensor {name}.weight_scale", mapping.tensor, scales)
                 scales = torch.empty(scales.shape, dtype=scales.dtype, pin_memory=pinned).copy_(scales)
             table.attach(weight.copy_(mapping.tensor), requires_grad=True, scales=scales)
         else:
             table.attach(mapping.tensor, requires_grad=False, scales=scales)
             table.mapping, table.scale_mapping = mapping, scale_mapping
 
-__all__ = ["EngramTable", "FileMapping", "HotRowCache", "RowFetch", "attach_checkpoint_tables", "safetensors_index"]
+__all__ = [
+    "CheckpointTables", "EngramTable", "FileMapping", "HotRowCache", "RowFetch", "attach_checkpoint_tables",
+    "check_checkpoint_tables", "safetensors_index",
+]

@@ -40,7 +40,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_engram import EngramConfig
 from .engram_layer import TOKEN_STATE, EngramKeyValue, EngramLayer, EngramShortConv
 from .hashing import EngramHasher
-from .memory import EXTERNAL_TABLES, EngramTable, RowFetch, attach_checkpoint_tables
+from .memory import EXTERNAL_TABLES, EngramTable, RowFetch, attach_checkpoint_tables, check_checkpoint_tables
 from .mhc import DYNAMIC_SCALE_INIT, HyperConnection, HyperHead, PlainResidual
 from .moe import EngramExperts, EngramMoE, EngramTopKRouter
 from .placement import resolve_table_placement
@@ -299,6 +299,7 @@ class EngramPreTrainedModel(PreTrainedModel):
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        check_checkpoint_tables(model, checkpoint_files)
         model._engram_checkpoint_files = checkpoint_files  # for `attach_checkpoint_tables`, after loading
         return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
