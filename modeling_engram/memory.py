@@ -264,7 +264,7 @@ class EngramTable(nn.Embedding):
         [U, head_dim + head_dim / 32] (value bytes, then scale bytes)."""
         if self.weight_scale is None:
             return F.embedding(ids, self.weight, sparse=self.sparse)
-        return pack_rows(F.embedding(ids, self.weight.view(torch.uint8)), F.embedding(ids, self.weight_scale))
+        return pack_rows(F.embedding(ids, self.weight.detach().view(torch.uint8)), F.embedding(ids, self.weight_scale))
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Rows [..., head_dim] from `compact_rows` output: FP8 dequantised to bf16 (exact), others as stored."""

@@ -291,6 +291,9 @@ class EngramPreTrainedModel(PreTrainedModel):
             EXTERNAL_TABLES.reset(token)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         attach_checkpoint_tables(model, getattr(model, "_engram_checkpoint_files", None))
+        for table in model.modules():
+            if isinstance(table, EngramTable) and table.scaled:
+                table.weight.requires_grad_(False)  # transformers' loader makes every parameter trainable
         try:
             model.base_model.hasher.check_token_map()
         except ValueError as error:

@@ -2,8 +2,8 @@
 
 "fp32", "bf16" and "fp16" rows are plain tensors of that dtype. "fp8_e4m3" is DeepSeek-V4.1's layout: e4m3
 values `[rows, D]` and one ue8m0 (power-of-two) scale byte per 32 values `[rows, D / 32]`, dequantised as
-`float(e4m3) * 2 ** (byte - 127)`. That product is exact in fp32 and in bf16 (e4m3 has 3 mantissa bits, bf16 7),
-so dequantising straight into either dtype gives V4.1's `bf16(...)` rows bit for bit.
+`float(e4m3) * 2 ** (byte - 127)`. That product is exact in fp32, and in bf16 wherever it is a normal number
+(e4m3 has 3 mantissa bits, bf16 7), so dequantising straight into bf16 gives V4.1's `bf16(...)` rows bit for bit.
 
 Gathers move compact rows: an FP8 row travels as one uint8 vector, its D value bytes then its D / 32 scale bytes
 (`pack_rows`), and is dequantised on the execution device after the copy (`unpack_rows`).

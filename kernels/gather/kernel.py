@@ -13,6 +13,12 @@ from ..utils import INTERPRETED, check_runnable, next_power_of_2, num_warps_for
 
 
 @triton.jit
+def _flat_rows(ids_ptr, offsets_ptr, p, p_ok, K):
+    """Flat-table row of each (position, head) pair p: its head's offset plus its head-local row id."""
+    return tl.load(ids_ptr + p, mask=p_ok, other=0) + tl.load(offsets_ptr + p % K, mask=p_ok, other=0)
+
+
+@triton.jit
 def _gather_rows_kernel(
     weight_ptr,  # [R, D]
     weight_stride,
@@ -28,7 +34,7 @@ def _gather_rows_kernel(
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     p_ok = p < pairs
-    row = tl.load(ids_ptr + p, mask=p_ok, other=0) + tl.load(offsets_ptr + p % K, mask=p_ok, other=0)
+    row = _flat_rows(ids_ptr, offsets_ptr, p, p_ok, K)
     mask = p_ok[:, None] & (d < D)[None, :]
     values = tl.load(weight_ptr + row[:, None] * weight_stride + d[None, :], mask=mask)
     tl.store(out_ptr + p[:, None] * D + d[None, :], values, mask=mask)
@@ -50,7 +56,7 @@ def _gather_fp8_rows_kernel(
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     p_ok = p < pairs
-    row = tl.load(ids_ptr + p, mask=p_ok, other=0) + tl.load(offsets_ptr + p % K, mask=p_ok, other=0)
+    row = _flat_rows(ids_ptr, offsets_ptr, p, p_ok, K)
     mask = p_ok[:, None] & (d < D)[None, :]
     bits = tl.load(values_ptr + row[:, None] * D + d[None, :], mask=mask, other=0).to(tl.int32)
     byte = tl.load(scales_ptr + row[:, None] * (D // 32) + (d // 32)[None, :], mask=mask, other=127).to(tl.int32)
