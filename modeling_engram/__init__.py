@@ -12,12 +12,13 @@ import importlib
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_engram import EngramConfig
+from .configuration_engram import DEEPSEEK_V41_ENGRAM, EngramConfig
 from .gating_peft import gating_module_names, gating_parameter_names, gating_peft_config, register_peft_defaults
 from .hashing import EngramHasher
 from .hub import exported_code_files, model_card, push_to_hub
 from .modeling_engram import EngramForCausalLM, EngramModel, EngramPreTrainedModel
 from .placement import engram_device_map
+from .row_formats import ROW_FORMATS
 from .token_map import build_token_map
 
 AutoConfig.register(EngramConfig.model_type, EngramConfig, exist_ok=True)
@@ -54,6 +55,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DEEPSEEK_V41_ENGRAM",
+    "ROW_FORMATS",
     "EngramConfig",
     "EngramHasher",
     "EngramModel",

@@ -18,6 +18,23 @@ ATTENTION_TYPES = ("full_attention", "sliding_attention")
 # An Engram layer keeps conv states next to its KV cache: transformers' "hybrid" cache layers (full or sliding).
 ENGRAM_LAYER_TYPES = {"full_attention": "hybrid", "sliding_attention": "hybrid_sliding"}
 LAYER_SEED_PRIME = 10007
+# DeepSeek-V4.1's Engram layer (as vLLM, NeMo AutoModel and transformers' deepseek_v41 implement it), for
+# `EngramConfig(**DEEPSEEK_V41_ENGRAM, engram_compressed_vocab_size=99_092, ...)` on the DeepSeek-V4 tokenizer:
+# layers 1 and 14, orders 2-4 with 8 heads of width 256 each, prime search from 16,000,000 rows for every order, no
+# short conv, gate RMSNorms with eps 1e-20, the image placeholder <｜image2｜> (129264) dead, FP8 rows.
+DEEPSEEK_V41_ENGRAM = dict(
+    vocab_size=129_280,
+    engram_layer_ids=[1, 14],
+    max_ngram_size=4,
+    n_head_per_ngram=8,
+    n_embed_per_ngram=8 * 256,
+    engram_vocab_size=[16_000_000] * 3,
+    engram_kernel_size=0,
+    rms_norm_eps=1e-20,
+    engram_dead_token_ids=[129_264],
+    engram_row_format="fp8_e4m3",
+    engram_pad_id=2,
+)
 _MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 
 
@@ -381,4 +398,4 @@ class EngramConfig(PreTrainedConfig):
         return (self.max_ngram_size - 1) * self.n_embed_per_ngram
 
 
-__all__ = ["EngramConfig"]
+__all__ = ["DEEPSEEK_V41_ENGRAM", "EngramConfig"]

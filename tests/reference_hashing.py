@@ -73,14 +73,25 @@ def reference_token_map(tokenizer):
     return np.array(lookup, dtype=np.int64), len(key_to_new)
 
 
-def reference_hash(compressed_ids, layer_ids, multipliers, table_sizes, max_ngram_size, n_head_per_ngram, pad_id):
-    """`{layer_id: int64 [B, T, (N-1) * H]}` for compressed ids [B, T]; `pad_id` is already compressed."""
+def reference_hash(compressed_ids, layer_ids, multipliers, table_sizes, max_ngram_size, n_head_per_ngram, pad_id,
+                   dead=None):
+    """`{layer_id: int64 [B, T, (N-1) * H]}` for compressed ids [B, T]; `pad_id` is already compressed.
+
+    `dead` [B, T] bool marks dead tokens (DeepSeek-V4.1): x'_{t-k} reads the pad id when any of x_{t-k} .. x_t is
+    dead, checked position by position.
+    """
     x = np.asarray(compressed_ids, dtype=np.int64)
-    _, length = x.shape
+    batch, length = x.shape
     shifts = [x] + [
         np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=pad_id)[:, :length]
         for k in range(1, max_ngram_size)
     ]
+    if dead is not None:
+        for k in range(max_ngram_size):
+            for b in range(batch):
+                for t in range(length):
+                    if any(dead[b][i] for i in range(max(0, t - k), t + 1)):
+                        shifts[k][b, t] = pad_id
     out = {}
     for layer_id in layer_ids:
         m = multipliers[layer_id]

@@ -29,7 +29,7 @@ def demo_config(compressed_vocab_size: int, **overrides) -> EngramConfig:
     return EngramConfig(**settings)
 
 
-def reference_ids(config: EngramConfig, token_map: torch.Tensor, input_ids: torch.Tensor):
+def reference_ids(config: EngramConfig, token_map: torch.Tensor, input_ids: torch.Tensor, dead=None):
     sizes = reference_table_sizes(config.engram_layer_ids, config.engram_vocab_size, config.n_head_per_ngram)
     multipliers = reference_multipliers(
         config.engram_layer_ids, config.max_ngram_size, config.engram_compressed_vocab_size, config.engram_seed
@@ -43,6 +43,7 @@ def reference_ids(config: EngramConfig, token_map: torch.Tensor, input_ids: torc
         config.max_ngram_size,
         config.n_head_per_ngram,
         pad_id=int(lookup[config.engram_pad_id]),
+        dead=dead,
     )
 
 
@@ -139,3 +140,34 @@ def test_a_deliberately_wrong_hasher_fails_the_comparison(v3_map):
     hasher.multiplier_tensor[0, 2] += 2  # another odd multiplier for the 3rd position of layer 1
     with pytest.raises(AssertionError):
         assert_bit_identical(hasher(batch), reference)
+
+
+V41_IMAGE = 129_264  # <｜image2｜>, the image placeholder V4.1 marks dead
+
+
+def test_deepseek_v41_engram_on_the_v4_tokenizer_matches_the_reference(deepseek_v4_tokenizer):
+    """V4.1's Engram hashing (DEEPSEEK_V41_ENGRAM) on real text with image placeholders, against the independent
+    reference: its own token map, primes by trial division and the dead-token rule checked position by position."""
+    from reference_hashing import reference_token_map
+
+    from modeling_engram import DEEPSEEK_V41_ENGRAM
+
+    assert len(deepseek_v4_tokenizer) == 129_280
+    assert deepseek_v4_tokenizer.convert_ids_to_tokens(V41_IMAGE) == "<｜image2｜>"
+    reference_map, reference_size = reference_token_map(deepseek_v4_tokenizer)
+    token_map, compressed = build_token_map(deepseek_v4_tokenizer)
+    assert compressed == reference_size == 99_092
+    np.testing.assert_array_equal(token_map.numpy(), reference_map)
+    config = EngramConfig(**DEEPSEEK_V41_ENGRAM, num_hidden_layers=16, engram_compressed_vocab_size=compressed)
+    assert config.engram_table_sizes[0][0] == 16_000_057  # the smallest prime >= 16,000,000
+    hasher = EngramHasher(config, token_map)
+    text = [DEMO_SAMPLE, inspect.getsource(inspect)[:1500]]
+    batch = deepseek_v4_tokenizer(text, return_tensors="pt", padding="longest")["input_ids"]
+    batch[0, 3:5] = V41_IMAGE  # an image between words, and images at the start and in the middle of code
+    batch[1, 0] = batch[1, 50] = batch[1, 51] = batch[1, 52] = V41_IMAGE
+    ours = hasher(batch)
+    assert ours[1].shape == (2, batch.shape[1], 24)
+    reference = reference_ids(config, token_map, batch, dead=(batch == V41_IMAGE).numpy())
+    assert_bit_identical(ours, reference)
+    without_dead = reference_ids(config, token_map, batch)
+    assert not np.array_equal(reference[1], without_dead[1])  # the placeholders change the hashes after them
