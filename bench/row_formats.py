@@ -9,7 +9,9 @@ each format converts the fp32 tables (`quantize_engram_tables`), saves the model
 A second part gathers random rows from a large synthetic table per format on cold disk (rows/s), where fewer bytes
 per row mean fewer pages read.
 
-    OMP_NUM_THREADS=1 python bench/row_formats.py            # about 4 min here
+    OMP_NUM_THREADS=1 python bench/row_formats.py            # about 6 min here
+
+Other options go to examples/main.py (e.g. `--steps 750`).
 """
 
 import argparse
@@ -55,7 +57,7 @@ def tokens_per_second(model, loader, cold: bool) -> float:
 
 
 def trained_model(args, model_dir: Path | None):
-    main_args = main.argument_parser().parse_args([])
+    main_args = main.argument_parser().parse_args(args.main_options)
     tokenizer, token_map, compressed, train_blocks, val_loader, _ = main.prepare_data(main_args)
     if model_dir is not None:
         return EngramForCausalLM.from_pretrained(model_dir).eval(), val_loader
@@ -96,10 +98,12 @@ def model_part(args, work: Path) -> list[dict]:
 
 @torch.no_grad()
 def gather_part(args, work: Path) -> list[dict]:
-    """Cold-disk gathers of `args.gather_rows` random rows from a synthetic table of `args.table_rows` x 256."""
-    sizes, width, results = [args.table_rows], 256, []
+    """Cold-disk gathers of `args.gather_rows` random rows from a synthetic table of `args.table_rows` x 256, per
+    format, interleaved round by round."""
+    sizes, width = [args.table_rows], 256
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.table_rows, (1, args.gather_rows, 1), generator=generator)
+    disks, seconds = {}, {name: [] for name in FORMATS}
     for name in FORMATS:
         table = EngramTable(sizes, width, row_format="fp32")
         table.weight.normal_(0, 0.02, generator=generator)
@@ -110,24 +114,21 @@ def gather_part(args, work: Path) -> list[dict]:
         if table.weight_scale is not None:
             tensors["weight_scale"] = table.weight_scale
         save_file(tensors, str(path))
-        del table
-        disk = EngramTable(sizes, width, storage="disk", row_format=name)
+        del table, tensors
         index = safetensors_index(str(path))
-        mapping = FileMapping(str(path), index["weight"])
-        scales = FileMapping(str(path), index["weight_scale"]) if "weight_scale" in index else None
-        disk.attach(mapping.tensor, requires_grad=False, scales=scales.tensor if scales else None)
-        seconds = []
-        for _ in range(args.rounds):
-            for m in (mapping, scales):
-                if m is not None:
-                    m.release_pages()
+        mappings = [FileMapping(str(path), index[key]) for key in ("weight", "weight_scale") if key in index]
+        disk = EngramTable(sizes, width, storage="disk", row_format=name)
+        disk.attach(mappings[0].tensor, requires_grad=False, scales=mappings[1].tensor if len(mappings) > 1 else None)
+        disks[name] = disk, mappings, path.stat().st_size
+    for _ in range(args.rounds):
+        for name, (disk, mappings, _) in disks.items():
+            for mapping in mappings:
+                mapping.release_pages()
             started = time.perf_counter()
             disk(ids)
-            seconds.append(time.perf_counter() - started)
-        results.append({"format": name, "table_bytes": path.stat().st_size,
-                        "cold_rows_per_s": args.gather_rows / statistics.median(seconds)})
-        path.unlink()
-    return results
+            seconds[name].append(time.perf_counter() - started)
+    return [{"format": name, "table_bytes": size, "cold_rows_per_s": args.gather_rows / statistics.median(seconds[name])}
+            for name, (_, _, size) in disks.items()]
 
 
 def main_bench():
@@ -136,12 +137,20 @@ def main_bench():
     parser.add_argument("--batches", type=int, default=4, help="validation batches (32 x 128 tokens) per timing")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--table-rows", type=int, default=1_000_000)
-    parser.add_argument("--gather-rows", type=int, default=20_000)
-    args = parser.parse_args()
+    parser.add_argument("--gather-rows", type=int, default=200_000, help="rows per cold gather (random, repeats kept)")
+    parser.add_argument("--parts", default="model,gather", help="which parts to run: model, gather or both")
+    args, args.main_options = parser.parse_known_args()  # the rest are examples/main.py's options
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as work:
-        model_rows = model_part(args, Path(work))
-        gather_rows = gather_part(args, Path(work))
+        model_rows = model_part(args, Path(work)) if "model" in args.parts else []
+        gather_rows = gather_part(args, Path(work)) if "gather" in args.parts else []
+    if model_rows:
+        print_model_rows(model_rows)
+    if gather_rows:
+        print_gather_rows(gather_rows, args)
+
+
+def print_model_rows(model_rows: list[dict]) -> None:
     fp32 = model_rows[0]
     print("\n| format | bytes/row | table bytes | val loss | vs fp32 | host tok/s | cold disk tok/s |")
     print("|---|---|---|---|---|---|---|")
@@ -149,6 +158,9 @@ def main_bench():
         print(f"| {row['format']} | {row['row_bytes']} | {row['table_bytes']:,} ({fp32['table_bytes'] / row['table_bytes']:.2f}x"
               f" smaller) | {row['val_loss']:.4f} | {row['val_loss'] - fp32['val_loss']:+.4f} | "
               f"{row['host_tokens_per_s']:,.0f} | {row['cold_disk_tokens_per_s']:,.0f} |")
+
+
+def print_gather_rows(gather_rows: list[dict], args) -> None:
     print(f"\ncold-disk gathers of {args.gather_rows:,} random rows from a {args.table_rows:,} x 256 table")
     print("| format | file bytes | rows/s | vs fp32 |")
     print("|---|---|---|---|")

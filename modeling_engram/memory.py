@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .kernel_dispatch import checked_preference, load_kernels, use_triton
-from .row_formats import SCALE_BLOCK, RowFormat, check_scales, pack_rows, get_row_format, quantize_fp8, unpack_rows
+from .row_formats import SCALE_BLOCK, RowFormat, check_scales, get_row_format, pack_rows, quantize_fp8, unpack_rows
 
 # Set by `EngramPreTrainedModel.from_pretrained`: host/disk tables are then read from the checkpoint files by
 # `attach_checkpoint_tables`, never by transformers' loader (which would materialise them whole).
@@ -209,7 +209,7 @@ class EngramTable(nn.Embedding):
         self.mapping: FileMapping | None = None  # disk storage: the memory map behind `weight`
         self.scale_mapping: FileMapping | None = None  # ... and behind `weight_scale`
         self._copy_stream = None
-        scaled = self.format is not None and self.format.scaled
+        scaled = self.scaled
         scales = torch.empty(rows, head_dim // SCALE_BLOCK, dtype=torch.uint8, device=weight.device) if scaled else None
         self.register_buffer("weight_scale", None if external else scales)  # FP8 block scales [rows, head_dim / 32]
         if external:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -237,6 +236,8 @@ class EngramPreTrainedModel(PreTrainedModel):
         """Re-store every Engram table in `row_format` ("fp8_e4m3", "bf16", "fp16" or "fp32"; FP8 quantised per
         block of 32 values with power-of-two scales) and record it in the config, so `save_pretrained` writes the
         compact rows and every storage reloads them. FP8 tables serve inference; they do not train."""
+        from tqdm.auto import tqdm
+
         tables = [m for m in self.modules() if isinstance(m, EngramTable)]
         with tqdm(total=sum(t.num_embeddings for t in tables), desc=f"Engram rows -> {row_format}", unit="row",
                   disable=len(tables) == 0) as progress:

@@ -39,7 +39,6 @@ ROW_FORMATS = {
     "fp16": RowFormat("fp16", torch.float16),
     "fp8_e4m3": RowFormat("fp8_e4m3", torch.float8_e4m3fn, scaled=True),
 }
-_BY_DTYPE = {fmt.dtype: fmt for fmt in ROW_FORMATS.values()}
 
 
 def get_row_format(name: str | None, width: int | None = None) -> RowFormat | None:
@@ -55,13 +54,6 @@ def get_row_format(name: str | None, width: int | None = None) -> RowFormat | No
             f"the rows are {width} wide (n_embed_per_ngram / n_head_per_ngram)."
         )
     return fmt
-
-
-def format_of(dtype: torch.dtype) -> RowFormat:
-    """The row format that stores values of `dtype` (unscaled ones; e4m3 values mean fp8_e4m3)."""
-    if dtype not in _BY_DTYPE:
-        raise ValueError(f"Engram tables have no row format for dtype {dtype}; formats: {tuple(ROW_FORMATS)}.")
-    return _BY_DTYPE[dtype]
 
 
 def _powers_of_two(exponents: torch.Tensor) -> torch.Tensor:
@@ -120,6 +112,6 @@ def check_scales(name: str, values: torch.Tensor, scales: torch.Tensor | None) -
 
 
 __all__ = [
-    "ROW_FORMATS", "SCALE_BLOCK", "RowFormat", "check_scales", "dequantize_fp8", "format_of", "get_row_format",
+    "ROW_FORMATS", "SCALE_BLOCK", "RowFormat", "check_scales", "dequantize_fp8", "get_row_format",
     "pack_rows", "quantize_fp8", "unpack_rows",
 ]

@@ -136,3 +136,21 @@ def test_retrofit_example_reports_all_four_models_on_a_tiny_base(tmp_path, tiny_
     assert "| Engram + LoRA |" in result.stdout
     for name in ("loss_curves.png", "gate_heatmap.png", "gate_heatmap.html"):
         assert (out / name).stat().st_size > 1000, name
+
+
+def test_row_format_bench_reports_every_format(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "row_formats.py"), "--batches", "1", "--rounds", "1", "--table-rows",
+         "4000", "--gather-rows", "1500", "--steps", "4", "--eval-every", "2", "--max-files", "20",
+         *TINY_MAIN, "--engram-width", "128"],  # 4 heads of 32: one FP8 scale block per row
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines()
+            if line.startswith("| ") and line.count("|") == 8}
+    assert list(rows) == ["format", "fp32", "bf16", "fp16", "fp8_e4m3"]
+    assert [int(rows[name][0]) for name in ("fp32", "bf16", "fp8_e4m3")] == [128, 64, 33]  # bytes per 32-wide row
+    assert abs(float(rows["fp8_e4m3"][3])) < 0.05 and float(rows["fp32"][3]) == 0.0
+    assert "3.88x smaller" in rows["fp8_e4m3"][1]
+    gathers = [line for line in result.stdout.splitlines() if line.startswith("| fp") and line.count("|") == 5]
+    assert len(gathers) == 4

@@ -134,3 +134,27 @@ def test_a_deliberately_wrong_gather_kernel_fails_the_parity_check(mutation):
     check_gather(gather.kernel, case, torch.float32, deterministic)
     with pytest.raises(AssertionError, match="differ|error"):
         check_gather(wrong, case, torch.float32, deterministic)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("head_dim", [32, 96])
+def test_fp8_gather_dequantises_like_the_reference(length, head_dim):
+    """Every e4m3 byte pattern and scale byte in the table; bf16 rows bit for bit (NaN patterns stay NaN)."""
+    weight, hash_ids, offsets, _ = gather_case(length, torch.float32, head_dim=head_dim)
+    generator = torch.Generator().manual_seed(length)
+    values = torch.randint(0, 256, weight.shape, generator=generator, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    scales = torch.randint(100, 155, (weight.shape[0], head_dim // 32), generator=generator, dtype=torch.uint8)
+    values, scales = values.to(DEVICE), scales.to(DEVICE)
+    rows = gather.gather_fp8_rows(values, scales, hash_ids, offsets)
+    expected = gather.gather_fp8_rows_reference(values, scales, hash_ids, offsets)
+    assert rows.dtype == torch.bfloat16 and rows.shape == (*hash_ids.shape[:-1], hash_ids.shape[-1] * head_dim)
+    nan = expected.isnan()
+    assert torch.equal(rows.isnan(), nan)
+    assert torch.equal(rows[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+def test_fp8_gather_refuses_mismatched_scales():
+    values = torch.zeros(10, 64, dtype=torch.float8_e4m3fn, device=DEVICE)
+    ids, offsets = torch.zeros(1, 3, 1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match=r"scales torch.uint8 \(10, 1\) must be uint8 \[R, D / 32\]"):
+        gather.gather_fp8_rows(values, torch.zeros(10, 1, dtype=torch.uint8, device=DEVICE), ids, offsets)
