@@ -92,6 +92,17 @@ def tiny_model(seed: int = 0, conv_nonzero: bool = True, **overrides) -> modelin
     return model
 
 
+@torch.no_grad()
+def decode_one_by_one(model, ids: torch.Tensor):
+    """(logits [B, T, V], cache): `ids` fed one position at a time through the generation cache."""
+    cache, steps = None, []
+    for t in range(ids.shape[1]):
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        cache = out.cache
+        steps.append(out.logits)
+    return torch.cat(steps, 1), cache
+
+
 @pytest.fixture(params=list(BACKBONES.values()), ids=list(BACKBONES))
 def hc_model(request):
     """A tiny model on each backbone: plain residual, mHC with 4 branches, MoE, mHC + MoE."""

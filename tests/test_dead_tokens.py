@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_V41, tiny_config, tiny_model
+from conftest import TINY_V41, decode_one_by_one, tiny_config, tiny_model
 
 from modeling_engram.hashing import DEAD, EngramHasher
 from modeling_engram.kernel_dispatch import force_engram_kernel
@@ -86,13 +86,9 @@ def test_cached_decoding_with_dead_tokens_equals_the_full_forward(kernel, conv):
     ids = torch.tensor([[40, 41, 5, 42, 43, 6, 6, 44, 45, 46], [5, 47, 48, 49, 6, 50, 51, 52, 53, 5]])
     with force_engram_kernel(kernel), torch.no_grad():
         full = model(ids).logits
-        cache, steps = None, []
-        for t in range(ids.shape[1]):
-            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-            cache = out.cache
-            steps.append(out.logits)
-        history = cache.get_conv_state(0, 0)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+        steps, cache = decode_one_by_one(model, ids)
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-5)
+    history = cache.get_conv_state(0, 0)
     assert (history == DEAD).sum() == 1  # the cache's token history keeps the last dead token of row 2 as DEAD
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import decode_one_by_one, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -159,13 +159,8 @@ def test_fp8_cached_generation_equals_the_full_forward(fp8_checkpoint):
     generated = model.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
     uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8, use_cache=False)
     assert torch.equal(generated, uncached)
-    full = model(generated).logits
-    cache, steps = None, []
-    for t in range(generated.shape[1]):
-        out = model(generated[:, t : t + 1], cache=cache, use_cache=True)
-        cache = out.cache
-        steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    steps, _ = decode_one_by_one(model, generated)
+    torch.testing.assert_close(steps, model(generated).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_triton_fp8_gather_equals_the_torch_path(fp8_checkpoint):
