@@ -209,17 +209,18 @@ def from_base_model(
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Give every tensor still on the meta device (Engram's, non-persistent buffers) real, uninitialised memory.
 
-    Parameters take `dtype` (the base's); buffers keep the dtype they were built with (RoPE's inv_freq stays fp32,
-    as in the base)."""
+    Parameters take `dtype` (the base's), except tables with an `engram_row_format`; buffers keep the dtype they
+    were built with (RoPE's inv_freq stays fp32, as in the base)."""
     pin = torch.cuda.is_available()
     for module in model.modules():
         host = isinstance(module, EngramTable) and module.storage == "host"
+        own_dtype = isinstance(module, EngramTable) and module.format is not None
         for registry in (module._parameters, module._buffers):
             for name, tensor in registry.items():
                 if tensor is None or not tensor.is_meta:
                     continue
                 parameter = registry is module._parameters
-                value = torch.empty(tensor.shape, dtype=dtype if parameter else tensor.dtype,
+                value = torch.empty(tensor.shape, dtype=dtype if parameter and not own_dtype else tensor.dtype,
                                     device="cpu" if host else device, pin_memory=host and pin)
                 registry[name] = nn.Parameter(value, tensor.requires_grad) if parameter else value
 

@@ -181,6 +181,23 @@ def test_compact_adapter_holds_only_engram_and_loads_over_its_base(tmp_path, tok
         EngramForCausalLM.from_engram_adapter(adapter, base=MistralForCausalLM(MistralConfig(**COMMON)))
 
 
+def test_a_retrofitted_model_quantised_to_fp8_saves_and_loads_as_an_adapter(tmp_path, tokenizer):
+    base_folder = save_tiny_base("llama", tmp_path / "base")
+    wide = {**ENGRAM, "n_embed_per_ngram": 64}  # heads of 32 values: one FP8 scale block
+    model = EngramForCausalLM.from_base_model(str(base_folder), tokenizer, **wide).eval()
+    with torch.no_grad():
+        model.model.layers[1].engram.kv_proj.value_proj.weight.normal_(0, 0.5)
+    model.quantize_engram_tables("fp8_e4m3")
+    stored = load_file(save_engram_adapter(model, tmp_path / "adapter") / ADAPTER_WEIGHTS_NAME)
+    assert stored["model.layers.1.engram.table.weight"].dtype == torch.float8_e4m3fn
+    assert stored["model.layers.1.engram.table.weight_scale"].dtype == torch.uint8
+    loaded = EngramForCausalLM.from_engram_adapter(tmp_path / "adapter").eval()
+    assert loaded.config.engram_row_format == "fp8_e4m3"
+    ids = prompts(length=20)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 HUB_SCRIPT = r"""
 import json, sys
 import torch
