@@ -1,6 +1,5 @@
 """Row-owner sharded table lookup on gloo, 2 and 3 processes (uneven blocks), against one whole table."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
