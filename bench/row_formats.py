@@ -29,12 +29,9 @@ import main  # noqa: E402  (examples/main.py)
 
 from modeling_engram import ROW_FORMATS, EngramForCausalLM  # noqa: E402
 from modeling_engram.memory import EngramTable, FileMapping, safetensors_index  # noqa: E402
+from modeling_engram.training import engram_tables  # noqa: E402
 
 FORMATS = list(ROW_FORMATS)
-
-
-def tables(model) -> list[EngramTable]:
-    return [m for m in model.modules() if isinstance(m, EngramTable)]
 
 
 def table_bytes(folder: Path) -> int:
@@ -45,7 +42,7 @@ def table_bytes(folder: Path) -> int:
 @torch.no_grad()
 def tokens_per_second(model, loader, cold: bool) -> float:
     if cold:
-        for table in tables(model):
+        for table in engram_tables(model):
             for mapping in (table.mapping, table.scale_mapping):
                 if mapping is not None:
                     mapping.release_pages()
@@ -78,9 +75,9 @@ def model_part(args, work: Path) -> list[dict]:
         converted = EngramForCausalLM.from_pretrained(fp32_dir).eval()
         converted.quantize_engram_tables(name)
         converted.save_pretrained(work / name)
-        table = tables(converted)[0]
+        table = engram_tables(converted)[0]
         rows[name] = {"format": name, "row_bytes": ROW_FORMATS[name].row_bytes(table.head_dim),
-                      "head_dim": table.head_dim, "rows": sum(t.num_embeddings for t in tables(converted)),
+                      "head_dim": table.head_dim, "rows": sum(t.num_embeddings for t in engram_tables(converted)),
                       "table_bytes": table_bytes(work / name),
                       "val_loss": main.validation_loss(converted, val_loader)}
     batches = [batch for _, batch in zip(range(args.batches), val_loader)]
@@ -127,8 +124,10 @@ def gather_part(args, work: Path) -> list[dict]:
             started = time.perf_counter()
             disk(ids)
             seconds[name].append(time.perf_counter() - started)
-    return [{"format": name, "table_bytes": size, "cold_rows_per_s": args.gather_rows / statistics.median(seconds[name])}
-            for name, (_, _, size) in disks.items()]
+    return [
+        {"format": name, "table_bytes": size, "cold_rows_per_s": args.gather_rows / statistics.median(seconds[name])}
+        for name, (_, _, size) in disks.items()
+    ]
 
 
 def main_bench():
@@ -155,8 +154,9 @@ def print_model_rows(model_rows: list[dict]) -> None:
     print("\n| format | bytes/row | table bytes | val loss | vs fp32 | host tok/s | cold disk tok/s |")
     print("|---|---|---|---|---|---|---|")
     for row in model_rows:
-        print(f"| {row['format']} | {row['row_bytes']} | {row['table_bytes']:,} ({fp32['table_bytes'] / row['table_bytes']:.2f}x"
-              f" smaller) | {row['val_loss']:.4f} | {row['val_loss'] - fp32['val_loss']:+.4f} | "
+        smaller = fp32["table_bytes"] / row["table_bytes"]
+        print(f"| {row['format']} | {row['row_bytes']} | {row['table_bytes']:,} ({smaller:.2f}x smaller) | "
+              f"{row['val_loss']:.4f} | {row['val_loss'] - fp32['val_loss']:+.4f} | "
               f"{row['host_tokens_per_s']:,.0f} | {row['cold_disk_tokens_per_s']:,.0f} |")
 
 

@@ -18,7 +18,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from .kernel_dispatch import checked_preference, load_kernels, use_triton
-from .row_formats import SCALE_BLOCK, RowFormat, check_scales, get_row_format, pack_rows, quantize_fp8, unpack_rows
+from .row_formats import (
+    SCALE_BLOCK, RowFormat, check_scales, dequantize_fp8, get_row_format, pack_rows, quantize_fp8, unpack_rows,
+)
 
 # Set by `EngramPreTrainedModel.from_pretrained`: host/disk tables are then read from the checkpoint files by
 # `attach_checkpoint_tables`, never by transformers' loader (which would materialise them whole).
@@ -209,9 +211,10 @@ class EngramTable(nn.Embedding):
         self.mapping: FileMapping | None = None  # disk storage: the memory map behind `weight`
         self.scale_mapping: FileMapping | None = None  # ... and behind `weight_scale`
         self._copy_stream = None
-        scaled = self.scaled
-        scales = torch.empty(rows, head_dim // SCALE_BLOCK, dtype=torch.uint8, device=weight.device) if scaled else None
-        self.register_buffer("weight_scale", None if external else scales)  # FP8 block scales [rows, head_dim / 32]
+        scales = None  # FP8 block scales [rows, head_dim / 32]
+        if self.scaled and not external:
+            scales = torch.empty(rows, head_dim // SCALE_BLOCK, dtype=torch.uint8, device=weight.device)
+        self.register_buffer("weight_scale", scales)
         if external:
             self.register_parameter("weight", None)  # read from the checkpoint by `attach_checkpoint_tables`
         self.offsets = nn.Buffer(self.head_offsets(), persistent=False)
@@ -240,7 +243,8 @@ class EngramTable(nn.Embedding):
             check_scales("Engram table", weight, scales)
         elif scales is not None:
             raise ValueError(f"Engram table has a scale tensor, but its rows are {weight.dtype}, not FP8.")
-        self.weight = nn.Parameter(weight, requires_grad=requires_grad and (self.format is None or self.format.trainable))
+        trainable = self.format is None or self.format.trainable
+        self.weight = nn.Parameter(weight, requires_grad=requires_grad and trainable)
         self.weight_scale = scales
 
     def _apply(self, fn, recurse=True):
@@ -321,11 +325,11 @@ class EngramTable(nn.Embedding):
                 rows = kernels.gather_rows(self.weight, hash_ids, self.offsets, sparse_grad=self.sparse)
             return RowFetch(rows.unflatten(-1, (len(self.table_sizes), self.head_dim)))
         ids = hash_ids + self.offsets.to(hash_ids.device)
+        unpack = self.unpack if self.scaled else None
         if self.storage == "device" and self.cache is None:
-            return RowFetch(self.compact_rows(ids), unpack=self.unpack if self.scaled else None)
+            return RowFetch(self.compact_rows(ids), unpack=unpack)
         unique, inverse = torch.unique(ids, return_inverse=True)
         grad_enabled = torch.is_grad_enabled()
-        unpack = self.unpack if self.scaled else None
         if asynchronous:
             prefetch = _executor("engram-prefetch", 4).submit(self._gather_unique, unique, grad_enabled)
             return RowFetch(prefetch, inverse, unpack)
@@ -339,17 +343,28 @@ class EngramTable(nn.Embedding):
         values = self.weight[start:stop].detach()
         if self.weight_scale is None:
             return values.float()
-        return unpack_rows(pack_rows(values, self.weight_scale[start:stop]), self.head_dim, torch.float32)
+        return dequantize_fp8(values, self.weight_scale[start:stop])
+
+    def _encode(self, rows_of, values: torch.Tensor, scales: torch.Tensor | None, progress=None) -> None:
+        """Write `rows_of(start, stop)` (fp32 rows) into `values` (and FP8 `scales`), CONVERT_CHUNK_ROWS at a time."""
+        for start in range(0, self.num_embeddings, CONVERT_CHUNK_ROWS):
+            stop = min(start + CONVERT_CHUNK_ROWS, self.num_embeddings)
+            rows = rows_of(start, stop)
+            if scales is None:
+                values[start:stop] = rows
+            else:
+                values[start:stop], scales[start:stop] = quantize_fp8(rows)
+            if progress is not None:
+                progress(stop - start)
 
     @torch.no_grad()
     def init_fp8_rows(self, std: float) -> None:
         """Draw N(0, std) rows and store them quantised (FP8 tensors have no `normal_`); keeps loaded rows."""
         if getattr(self.weight, "_is_hf_initialized", False) or self.weight.device.type == "meta":
             return
-        for start in range(0, self.num_embeddings, CONVERT_CHUNK_ROWS):
-            stop = min(start + CONVERT_CHUNK_ROWS, self.num_embeddings)
-            rows = torch.randn(stop - start, self.head_dim, device=self.weight.device) * std
-            self.weight[start:stop], self.weight_scale[start:stop] = quantize_fp8(rows)
+        device = self.weight.device
+        self._encode(lambda start, stop: torch.randn(stop - start, self.head_dim, device=device) * std,
+                     self.weight.data, self.weight_scale)
 
     @torch.no_grad()
     def convert_rows(self, name: str, progress=None) -> None:
@@ -370,15 +385,8 @@ class EngramTable(nn.Embedding):
         if target.scaled:
             scales = torch.empty(self.num_embeddings, self.head_dim // SCALE_BLOCK, dtype=torch.uint8, device=device,
                                  pin_memory=pinned)
-        for start in range(0, self.num_embeddings, CONVERT_CHUNK_ROWS):
-            stop = min(start + CONVERT_CHUNK_ROWS, self.num_embeddings)
-            rows = self.stored_rows(start, stop)
-            if scales is None:
-                values[start:stop] = rows
-            else:
-                values[start:stop], scales[start:stop] = quantize_fp8(rows)
-            if progress is not None:
-                progress(stop - start)
+        self._encode(self.stored_rows, values, scales, progress)
+        # FP8 rows are frozen by their format, not by choice: converted back, they train again.
         requires_grad = self.weight.requires_grad or (self.format is not None and not self.format.trainable)
         self.format = target
         self.weight = nn.Parameter(values, requires_grad=requires_grad and target.trainable)
@@ -413,7 +421,7 @@ class CheckpointTables:
             return  # a missing table is transformers' report (device) or `attach_checkpoint_tables`' error
         (path, (dtype, shape, _, _)) = values
         stored = table.format.name if table.format is not None else "the model's dtype (engram_row_format=None)"
-        if table.format is not None and dtype != table.format.dtype or table.format is None and scales is not None:
+        if (table.format is not None and dtype != table.format.dtype) or (table.format is None and scales is not None):
             raise ValueError(
                 f"checkpoint {path}: {name}.weight is {dtype}{' with a weight_scale' if scales else ''}, but the "
                 f"config stores these rows as {stored}; the config and the checkpoint disagree."

@@ -13,6 +13,7 @@ from modeling_engram.kernel_dispatch import force_engram_kernel
 from modeling_engram.row_formats import (
     ROW_FORMATS, SCALE_BLOCK, dequantize_fp8, get_row_format, pack_rows, quantize_fp8, unpack_rows,
 )
+from modeling_engram.training import engram_tables as tables
 
 WIDE = dict(n_embed_per_ngram=64)  # head_dim 32: one FP8 scale block per row
 STORAGES = ["device", "host", "disk"]
@@ -22,10 +23,6 @@ def fp8_model(**overrides):
     model = tiny_model(**WIDE, **overrides)
     model.quantize_engram_tables("fp8_e4m3")
     return model
-
-
-def tables(model):
-    return [model.model.layers[i].engram.table for i in model.config.engram_layer_ids]
 
 
 def test_every_e4m3_byte_dequantises_as_torch_decodes_it():

@@ -13,9 +13,14 @@ from ..utils import INTERPRETED, check_runnable, next_power_of_2, num_warps_for
 
 
 @triton.jit
-def _flat_rows(ids_ptr, offsets_ptr, p, p_ok, K):
-    """Flat-table row of each (position, head) pair p: its head's offset plus its head-local row id."""
-    return tl.load(ids_ptr + p, mask=p_ok, other=0) + tl.load(offsets_ptr + p % K, mask=p_ok, other=0)
+def _pair_tile(ids_ptr, offsets_ptr, pairs, K, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's [BLOCK_P] (position, head) pairs p, [BLOCK_D] columns d, the flat-table row of each pair (its
+    head's offset plus its head-local row id) and the in-range mask."""
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    p_ok = p < pairs
+    row = tl.load(ids_ptr + p, mask=p_ok, other=0) + tl.load(offsets_ptr + p % K, mask=p_ok, other=0)
+    return p, d, row, p_ok[:, None] & (d < D)[None, :]
 
 
 @triton.jit
@@ -31,11 +36,7 @@ def _gather_rows_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    p_ok = p < pairs
-    row = _flat_rows(ids_ptr, offsets_ptr, p, p_ok, K)
-    mask = p_ok[:, None] & (d < D)[None, :]
+    p, d, row, mask = _pair_tile(ids_ptr, offsets_ptr, pairs, K, D, BLOCK_P, BLOCK_D)
     values = tl.load(weight_ptr + row[:, None] * weight_stride + d[None, :], mask=mask)
     tl.store(out_ptr + p[:, None] * D + d[None, :], values, mask=mask)
 
@@ -53,11 +54,7 @@ def _gather_fp8_rows_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    p_ok = p < pairs
-    row = _flat_rows(ids_ptr, offsets_ptr, p, p_ok, K)
-    mask = p_ok[:, None] & (d < D)[None, :]
+    p, d, row, mask = _pair_tile(ids_ptr, offsets_ptr, pairs, K, D, BLOCK_P, BLOCK_D)
     bits = tl.load(values_ptr + row[:, None] * D + d[None, :], mask=mask, other=0).to(tl.int32)
     byte = tl.load(scales_ptr + row[:, None] * (D // 32) + (d // 32)[None, :], mask=mask, other=127).to(tl.int32)
     # e4m3fn -> fp32 from its bits (exact): normal numbers rebias the exponent (7 -> 127), subnormals are m * 2**-9.

@@ -117,8 +117,8 @@ def test_bad_arguments_are_named():
 
 MUTATIONS = {
     "forward-ignores-offsets": (
-        "return tl.load(ids_ptr + p, mask=p_ok, other=0) + tl.load(offsets_ptr + p % K, mask=p_ok, other=0)",
-        "return tl.load(ids_ptr + p, mask=p_ok, other=0)",
+        "row = tl.load(ids_ptr + p, mask=p_ok, other=0) + tl.load(offsets_ptr + p % K, mask=p_ok, other=0)",
+        "row = tl.load(ids_ptr + p, mask=p_ok, other=0)",
     ),
     "ordered-drops-a-contribution": ("valid = first + j < count", "valid = first + j < count - 1"),
     "atomic-stores-instead-of-adding": ("tl.atomic_add(out_ptr + slot[:, None] * D + d[None, :], grad, mask=mask)",
