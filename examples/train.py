@@ -11,8 +11,12 @@ one process with `--batch-size N*b`.
     accelerate launch --multi_gpu --num_processes 2 examples/train.py --model outputs/main/engram_model --batch-size 4
     python examples/train.py --model outputs/main/engram_model --files notes/*.txt --bf16 --activation-checkpointing
 
-On CPUs the processes use gloo (`accelerate launch` needs `--multi_gpu` for several processes, even there). NCCL
-cannot all-reduce sparse gradients: on GPUs pass --dense-table-grads.
+On CPUs the processes use gloo (`accelerate launch` needs `--multi_gpu` for several processes, even there).
+`--shard-tables` shards every table by rows over the processes (each holds 1/N of the rows and their Adam state,
+and reads only those rows from the checkpoint); it is also how GPUs (NCCL, which has no sparse all-reduce) train
+with sparse table updates. Without it, on GPUs pass --dense-table-grads.
+
+    torchrun --standalone --nproc_per_node 2 examples/train.py --model outputs/main/engram_model --shard-tables
 """
 
 import argparse
@@ -25,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from modeling_engram import EngramTrainer, text_blocks_dataset
+from modeling_engram.training import engram_tables
 from modeling_engram.corpus import stdlib_files
 
 
@@ -54,32 +59,37 @@ def main():
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--dense-table-grads", action="store_true", help="for NCCL (no sparse all-reduce)")
+    parser.add_argument("--shard-tables", action="store_true", help="shard the tables by rows over the processes")
+    parser.add_argument("--save-steps", type=int, default=0, help="save a Trainer checkpoint every N steps (0: never)")
+    parser.add_argument("--resume", type=Path, help="resume from this Trainer checkpoint folder")
     parser.add_argument("--out", type=Path, default=Path("outputs/train"))
     parser.add_argument("--report", type=Path, help="write each process's losses and table digests here (JSON)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    files = args.files or stdlib_files(args.max_files, args.seed)[0]
-    blocks = text_blocks_dataset(files, tokenizer, args.block_size)
     training_args = TrainingArguments(
         output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 10),
         bf16=args.bf16, activation_checkpointing=args.activation_checkpointing, logging_steps=1,
-        save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True, ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available(),
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, report_to=[],
+        seed=args.seed, disable_tqdm=True, ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(),
     )
+    _ = training_args.device  # initialises the process group under torchrun / accelerate launch, which sharding needs
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, engram_table_parallel=args.shard_tables)
+    files = args.files or stdlib_files(args.max_files, args.seed)[0]
+    blocks = text_blocks_dataset(files, tokenizer, args.block_size)
     trainer = EngramTrainer(
         model=model, args=training_args, train_dataset=blocks, table_lr_multiplier=args.table_lr_multiplier,
         sparse_table_grads=not args.dense_table_grads,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(args.resume) if args.resume else None)
     rank, world_size = trainer.args.process_index, trainer.args.world_size
     if args.report:
         sparse = all(module.sparse for name, module in trainer.model.named_modules() if name.endswith("engram.table"))
         report = {"rank": rank, "world_size": world_size, "tables": table_digests(trainer.model), "sparse": sparse,
+                  "table_bytes": sum(t.weight.nbytes for t in engram_tables(trainer.model)),
                   "log_history": trainer.state.log_history, "blocks": len(blocks)}
         args.report.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{args.report}.rank{rank}").write_text(json.dumps(report, indent=1))

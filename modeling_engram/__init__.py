@@ -19,6 +19,7 @@ from .hub import exported_code_files, model_card, push_to_hub
 from .modeling_engram import EngramForCausalLM, EngramModel, EngramPreTrainedModel
 from .placement import engram_device_map
 from .row_formats import ROW_FORMATS
+from .table_parallel import shard_engram_tables
 from .token_map import build_token_map
 
 AutoConfig.register(EngramConfig.model_type, EngramConfig, exist_ok=True)
@@ -70,5 +71,6 @@ __all__ = [
     "gating_peft_config",
     "model_card",
     "push_to_hub",
+    "shard_engram_tables",
     *_LAZY,
 ]

@@ -25,6 +25,9 @@ from .row_formats import (
 # Set by `EngramPreTrainedModel.from_pretrained`: host/disk tables are then read from the checkpoint files by
 # `attach_checkpoint_tables`, never by transformers' loader (which would materialise them whole).
 EXTERNAL_TABLES = contextvars.ContextVar("engram_external_tables", default=False)
+# Set by `from_pretrained(..., engram_table_parallel=True)`: device tables are then external too, so each rank reads
+# only its own rows from the checkpoint (`attach_checkpoint_tables`); see table_parallel.py.
+SHARDED_TABLES = contextvars.ContextVar("engram_sharded_tables", default=False)
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -40,6 +43,7 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 _executors: dict[str, ThreadPoolExecutor] = {}
 _executor_lock = threading.Lock()
 DISK_READ_CHUNKS = 8  # concurrent page-fault readers per disk gather: SSDs serve random reads best at depth > 1
@@ -197,7 +201,7 @@ class EngramTable(nn.Embedding):
         kernel: str = "auto",
         row_format: str | None = None,
     ):
-        external = storage != "device" and EXTERNAL_TABLES.get()
+        external = (storage != "device" or SHARDED_TABLES.get()) and EXTERNAL_TABLES.get()
         fmt = get_row_format(row_format, head_dim)
         rows = sum(table_sizes)  # the weight is filled by `_init_weights` or a checkpoint; never by nn.Embedding
         weight = torch.empty(rows, head_dim, dtype=fmt and fmt.dtype, device="meta" if external else None)
@@ -208,6 +212,7 @@ class EngramTable(nn.Embedding):
         self.head_dim = head_dim
         self.storage = storage
         self.cache = HotRowCache(cache_rows) if cache_rows > 0 else None
+        self.row_shard = None  # a `table_parallel.RowShard` when the rows are sharded over ranks (`keep_rows`)
         self.mapping: FileMapping | None = None  # disk storage: the memory map behind `weight`
         self.scale_mapping: FileMapping | None = None  # ... and behind `weight_scale`
         self._copy_stream = None
@@ -227,12 +232,12 @@ class EngramTable(nn.Embedding):
     def scaled(self) -> bool:
         return self.format is not None and self.format.scaled
 
-    def attach(self, weight: torch.Tensor, requires_grad: bool, scales: torch.Tensor | None = None) -> None:
-        """Install a storage tensor (host memory or a memory map) as this table's weight (and FP8 scales)."""
-        if tuple(weight.shape) != (self.num_embeddings, self.head_dim):
+    def check_stored(self, weight: torch.Tensor, scales: torch.Tensor | None, rows: int) -> None:
+        """Raise a ValueError unless `weight` (and FP8 `scales`) can hold `rows` rows of this table."""
+        if tuple(weight.shape) != (rows, self.head_dim):
             raise ValueError(
                 f"Engram table weight has shape {tuple(weight.shape)}, the config needs "
-                f"({self.num_embeddings}, {self.head_dim}) (rows from engram_table_sizes, n_embed_per_ngram / heads)."
+                f"({rows}, {self.head_dim}) (rows from engram_table_sizes, n_embed_per_ngram / heads)."
             )
         if self.format is not None and weight.dtype != self.format.dtype:
             raise ValueError(
@@ -243,9 +248,42 @@ class EngramTable(nn.Embedding):
             check_scales("Engram table", weight, scales)
         elif scales is not None:
             raise ValueError(f"Engram table has a scale tensor, but its rows are {weight.dtype}, not FP8.")
+
+    @property
+    def stored_row_count(self) -> int:
+        """Rows this process stores: the whole table, or its shard's block."""
+        shard = self.row_shard
+        return self.num_embeddings if shard is None else shard.stop - shard.start
+
+    def attach(self, weight: torch.Tensor, requires_grad: bool, scales: torch.Tensor | None = None) -> None:
+        """Install a storage tensor (host memory or a memory map) as this table's weight (and FP8 scales)."""
+        self.check_stored(weight, scales, self.stored_row_count)
         trainable = self.format is None or self.format.trainable
         self.weight = nn.Parameter(weight, requires_grad=requires_grad and trainable)
         self.weight_scale = scales
+
+    @torch.no_grad()
+    def keep_rows(self, shard) -> None:
+        """Keep only the rows `[shard.start, shard.stop)` of a `table_parallel.RowShard` and look rows up through it.
+
+        The whole table's storage is released at once (the old parameter is emptied and marked, so an optimizer
+        built on it refuses to step). A table without a weight yet (a sharded load) reads its rows when attached.
+        """
+        self.row_shard = shard
+        if self.weight is None:
+            return
+        old, block = self.weight, slice(shard.start, shard.stop)
+
+        def own(tensor):
+            if self.storage == "disk":
+                return tensor[block]  # a view of the memory map: only these rows' pages are ever read
+            return torch.empty_like(tensor[block], pin_memory=tensor.is_pinned()).copy_(tensor[block])
+
+        self.weight = nn.Parameter(own(old.detach()), requires_grad=old.requires_grad)
+        if self.weight_scale is not None:
+            self.weight_scale = own(self.weight_scale)
+        old._engram_sharded_away = True
+        old.data = old.data.new_empty(0)
 
     def _apply(self, fn, recurse=True):
         if self.weight is None or (self.storage == "device" and self.format is None):
@@ -317,6 +355,10 @@ class EngramTable(nn.Embedding):
             return rows
 
     def fetch(self, hash_ids: torch.LongTensor, asynchronous: bool = False) -> RowFetch:
+        unpack = self.unpack if self.scaled else None
+        if self.row_shard is not None:  # a collective: every rank looks up in the same order, in this thread
+            unique, inverse = torch.unique(hash_ids + self.offsets.to(hash_ids.device), return_inverse=True)
+            return RowFetch(self.row_shard.lookup(self, unique), inverse, unpack)
         if self.storage == "device" and self.cache is None and use_triton(self.kernel, hash_ids, self.weight):
             kernels = load_kernels()
             if self.scaled:
@@ -325,7 +367,6 @@ class EngramTable(nn.Embedding):
                 rows = kernels.gather_rows(self.weight, hash_ids, self.offsets, sparse_grad=self.sparse)
             return RowFetch(rows.unflatten(-1, (len(self.table_sizes), self.head_dim)))
         ids = hash_ids + self.offsets.to(hash_ids.device)
-        unpack = self.unpack if self.scaled else None
         if self.storage == "device" and self.cache is None:
             return RowFetch(self.compact_rows(ids), unpack=unpack)
         unique, inverse = torch.unique(ids, return_inverse=True)
@@ -347,8 +388,8 @@ class EngramTable(nn.Embedding):
 
     def _encode(self, rows_of, values: torch.Tensor, scales: torch.Tensor | None, progress=None) -> None:
         """Write `rows_of(start, stop)` (fp32 rows) into `values` (and FP8 `scales`), CONVERT_CHUNK_ROWS at a time."""
-        for start in range(0, self.num_embeddings, CONVERT_CHUNK_ROWS):
-            stop = min(start + CONVERT_CHUNK_ROWS, self.num_embeddings)
+        for start in range(0, values.shape[0], CONVERT_CHUNK_ROWS):
+            stop = min(start + CONVERT_CHUNK_ROWS, values.shape[0])
             rows = rows_of(start, stop)
             if scales is None:
                 values[start:stop] = rows
@@ -383,7 +424,7 @@ class EngramTable(nn.Embedding):
         values = torch.empty(self.weight.shape, dtype=target.dtype, device=device, pin_memory=pinned)
         scales = None
         if target.scaled:
-            scales = torch.empty(self.num_embeddings, self.head_dim // SCALE_BLOCK, dtype=torch.uint8, device=device,
+            scales = torch.empty(self.weight.shape[0], self.head_dim // SCALE_BLOCK, dtype=torch.uint8, device=device,
                                  pin_memory=pinned)
         self._encode(self.stored_rows, values, scales, progress)
         # FP8 rows are frozen by their format, not by choice: converted back, they train again.
@@ -397,9 +438,10 @@ class EngramTable(nn.Embedding):
     def extra_repr(self) -> str:
         cache = f", cache_rows={self.cache.capacity}" if self.cache is not None else ""
         row = f", row_format={self.format.name}" if self.format is not None else ""
+        shard = f", shard={self.row_shard}" if self.row_shard is not None else ""
         return (
             f"heads={len(self.table_sizes)}, rows={self.num_embeddings}, head_dim={self.head_dim}, "
-            f"storage={self.storage}{row}{cache}"
+            f"storage={self.storage}{row}{cache}{shard}"
         )
 
 
@@ -430,6 +472,24 @@ class CheckpointTables:
             scale = None if scales is None else torch.empty(scales[1][1], dtype=scales[1][0], device="meta")
             check_scales(f"checkpoint {path}: {name}", torch.empty(shape, dtype=dtype, device="meta"), scale)
 
+    def stored_rows(self, name: str, table: EngramTable):
+        """(values map, scales map or None, values, scales): the memory maps of table `name`'s tensors and the rows
+        this process stores of them (a sharded table's block: a view, nothing is read yet)."""
+        found = self.find(f"{name}.weight")
+        if found is None:
+            raise ValueError(
+                f"checkpoint has no tensor {name + '.weight'!r} for an Engram table with storage={table.storage!r}"
+            )
+        mapping = FileMapping(*found)
+        scale_entry = self.find(f"{name}.weight_scale")
+        scale_mapping = FileMapping(*scale_entry) if scale_entry is not None else None
+        values, scales = mapping.tensor, scale_mapping.tensor if scale_mapping is not None else None
+        table.check_stored(values, scales, table.num_embeddings)
+        if table.row_shard is not None:
+            block = slice(table.row_shard.start, table.row_shard.stop)
+            values, scales = values[block], scales[block] if scales is not None else None
+        return mapping, scale_mapping, values, scales
+
 
 def check_checkpoint_tables(model: nn.Module, checkpoint_files: list[str] | None) -> None:
     """Before loading: every Engram table's tensors in the checkpoint must match its row format (FP8 values with
@@ -442,36 +502,30 @@ def check_checkpoint_tables(model: nn.Module, checkpoint_files: list[str] | None
 
 
 def attach_checkpoint_tables(model: nn.Module, checkpoint_files: list[str] | None) -> None:
-    """Give every external (host/disk) table of `model` its weight from the checkpoint's safetensors files.
+    """Give every external table of `model` (host, disk, or sharded) its weight from the checkpoint's safetensors.
 
     "disk" maps the file pages (nothing is read until rows are gathered); "host" copies the table into CPU
-    memory, pinned when CUDA is present. FP8 tables bring their `weight_scale` the same way.
+    memory, pinned when CUDA is present. A sharded table (`row_shard`) takes only its own rows: the slice of the
+    memory map is all this process reads, into the model's device for "device" tables. FP8 tables bring their
+    `weight_scale` the same way.
     """
     tables = {name: m for name, m in model.named_modules() if isinstance(m, EngramTable) and m.weight is None}
     if not tables:
         return
     checkpoint = CheckpointTables(checkpoint_files)
     if not checkpoint.index:
-        raise ValueError("host/disk Engram tables are read from safetensors checkpoints; none was found.")
+        raise ValueError("host/disk/sharded Engram tables are read from safetensors checkpoints; none was found.")
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     for name, table in tables.items():
-        found = checkpoint.find(f"{name}.weight")
-        if found is None:
-            raise ValueError(
-                f"checkpoint has no tensor {name + '.weight'!r} for an Engram table with storage={table.storage!r}"
-            )
-        mapping = FileMapping(*found)
-        scale_entry = checkpoint.find(f"{name}.weight_scale")
-        scale_mapping = FileMapping(*scale_entry) if scale_entry is not None else None
-        scales = scale_mapping.tensor if scale_mapping is not None else None
-        if table.storage == "host":
-            pinned = torch.cuda.is_available()
-            weight = torch.empty(mapping.tensor.shape, dtype=mapping.tensor.dtype, pin_memory=pinned)
-            if scales is not None:
-                scales = torch.empty(scales.shape, dtype=scales.dtype, pin_memory=pinned).copy_(scales)
-            table.attach(weight.copy_(mapping.tensor), requires_grad=True, scales=scales)
-        else:
-            table.attach(mapping.tensor, requires_grad=False, scales=scales)
+        mapping, scale_mapping, values, scales = checkpoint.stored_rows(name, table)
+        if table.storage == "disk":
+            table.attach(values, requires_grad=False, scales=scales)
             table.mapping, table.scale_mapping = mapping, scale_mapping
+            continue
+        target = dict(pin_memory=torch.cuda.is_available()) if table.storage == "host" else dict(device=device)
+        copies = [None if t is None else torch.empty(t.shape, dtype=t.dtype, **target).copy_(t) for t in (values, scales)]
+        table.attach(copies[0], requires_grad=True, scales=copies[1])
+
 
 __all__ = [
     "CheckpointTables", "EngramTable", "FileMapping", "HotRowCache", "RowFetch", "attach_checkpoint_tables",

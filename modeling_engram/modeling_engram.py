@@ -39,7 +39,10 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_engram import EngramConfig
 from .engram_layer import TOKEN_STATE, EngramKeyValue, EngramLayer, EngramShortConv
 from .hashing import EngramHasher
-from .memory import EXTERNAL_TABLES, EngramTable, RowFetch, attach_checkpoint_tables, check_checkpoint_tables
+from .memory import (
+    EXTERNAL_TABLES, SHARDED_TABLES, EngramTable, RowFetch, attach_checkpoint_tables, check_checkpoint_tables,
+)
+from .table_parallel import require_process_group, save_table_shards, shard_engram_tables
 from .mhc import DYNAMIC_SCALE_INIT, HyperConnection, HyperHead, PlainResidual
 from .moe import EngramExperts, EngramMoE, EngramTopKRouter
 from .placement import resolve_table_placement
@@ -264,7 +267,19 @@ class EngramPreTrainedModel(PreTrainedModel):
         package), config.json's `auto_map` names all three Auto classes, whichever of them this model is."""
         if self.is_remote_code():
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.export_auto_map()}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        shards = {name for name, m in self.named_modules() if isinstance(m, EngramTable) and m.row_shard is not None}
+        if not shards:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        # Sharded tables (table_parallel.py): a collective save. The main process writes everything else, then every
+        # rank streams its own rows into one table file of the same standard checkpoint.
+        if args or kwargs.get("state_dict") is not None:
+            raise ValueError("save_pretrained of a model with sharded Engram tables takes no state_dict: every rank "
+                             "writes its own rows (call it on every rank).")
+        is_main = kwargs.pop("is_main_process", torch.distributed.get_rank() == 0)
+        state = {k: v for k, v in self.state_dict().items() if k.rsplit(".", 1)[0] not in shards}
+        if is_main:
+            super().save_pretrained(save_directory, state_dict=state, **kwargs)
+        save_table_shards(self, save_directory, is_main)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """transformers' push_to_hub; with the modeling_engram package installed, the commit also carries the Engram
@@ -279,18 +294,27 @@ class EngramPreTrainedModel(PreTrainedModel):
         `engram_storage="host"|"disk"` (or a `device_map` from `engram_device_map`, or `device_map="auto"`) keeps
         the tables out of transformers' loader and Accelerate's hooks: they are read from the checkpoint files
         here (disk: memory-mapped), so no offload hook ever copies a whole table per forward.
+
+        `engram_table_parallel=True` (or a process group) shards every table by rows over the ranks of the
+        initialised process group (`table_parallel.shard_engram_tables`): each rank reads only its own rows.
         """
         if kwargs.get("use_safetensors") is False:
             raise ValueError("Engram checkpoints load from safetensors only (loading never unpickles); "
                              "drop use_safetensors=False.")
         kwargs["use_safetensors"] = True
+        table_parallel = kwargs.pop("engram_table_parallel", False)
+        if table_parallel:
+            require_process_group()
         kwargs = resolve_table_placement(cls, args, kwargs)
-        token = EXTERNAL_TABLES.set(True)
+        token, sharded = EXTERNAL_TABLES.set(True), SHARDED_TABLES.set(bool(table_parallel))
         try:
             loaded = super().from_pretrained(*args, **kwargs)
         finally:
             EXTERNAL_TABLES.reset(token)
+            SHARDED_TABLES.reset(sharded)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if table_parallel:  # each rank takes its block of rows from the checkpoint below, never a whole table
+            shard_engram_tables(model, group=None if table_parallel is True else table_parallel)
         attach_checkpoint_tables(model, getattr(model, "_engram_checkpoint_files", None))
         for table in model.modules():
             if isinstance(table, EngramTable) and table.scaled:

@@ -21,8 +21,11 @@ gradients registers the missing kernel (`linalg_vector_norm` on sparse COO tenso
 values), so `torch.nn.utils.clip_grad_norm_`, `accelerate` and `Trainer` clip and report norms over tables too.
 """
 
+import glob
 import logging
 import math
+import os
+import re
 from collections.abc import Callable, Iterable
 
 import torch
@@ -34,6 +37,7 @@ from .engram_layer import EngramLayer
 from .memory import EngramTable
 from .modeling_engram import EngramPreTrainedModel
 from .moe import EngramTopKRouter
+from .table_parallel import clip_grad_norm_, load_into_shards, shard_engram_tables, sharded_tables
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +105,18 @@ def _backend_for(device_type: str) -> str | None:
 
 
 def check_sparse_grad_support(tables: Iterable[nn.Module]) -> None:
-    """Raise a ValueError where sparse table gradients cannot be all-reduced (NCCL has no sparse all-reduce)."""
+    """Raise a ValueError where sparse table gradients cannot be all-reduced (NCCL has no sparse all-reduce).
+    Sharded tables (table_parallel.py) are never all-reduced: they pass on every backend."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    for device_type in {table.weight.device.type for table in tables}:
+    for device_type in {table.weight.device.type for table in tables if table.row_shard is None}:
         if _backend_for(device_type) == "nccl":
             raise ValueError(
                 f"Sparse Engram table gradients cannot be all-reduced by the NCCL backend (tables on {device_type}): "
-                "NCCL has no sparse all-reduce. Use the gloo backend, or pass sparse_table_grads=False "
-                "(EngramTrainer, create_engram_optimizer) for dense table gradients: each step then costs "
-                "O(table rows) in backward, all-reduce and optimizer."
+                "NCCL has no sparse all-reduce. Shard the tables over the ranks instead (EngramTrainer(shard_tables="
+                "True), from_pretrained(..., engram_table_parallel=True) or shard_engram_tables), use the gloo backend, "
+                "or pass sparse_table_grads=False for dense table gradients: each step then costs O(table rows) in "
+                "backward, all-reduce and optimizer."
             )
 
 
@@ -299,21 +305,94 @@ def table_optimizer_state_bytes(optimizer: torch.optim.Optimizer, model: nn.Modu
     return state, sum(table.numel() * table.element_size() for table in tables)
 
 
+def optimizer_shard_name(rank: int, world_size: int) -> str:
+    """A sharded run's optimizer state file of one rank, in a Trainer checkpoint folder."""
+    return f"optimizer-rank{rank}-of-{world_size}.pt"
+
+
 class EngramTrainer(Trainer):
     """`transformers.Trainer` that trains with the paper's recipe (`create_engram_optimizer`) by default.
 
-    Extra arguments: `table_lr_multiplier` (5.0) and `sparse_table_grads` (True). The optimizer's learning rate,
-    weight decay, betas and epsilon come from `TrainingArguments`, and its scheduler drives tables and the rest.
-    Passing `optimizers=` or `optimizer_cls_and_kwargs=`, or an `args.optim` other than torch AdamW, falls back to
+    Extra arguments: `table_lr_multiplier` (5.0), `sparse_table_grads` (True) and `shard_tables` (False: True
+    shards the tables by rows over the ranks, `shard_engram_tables`). The optimizer's learning rate, weight decay,
+    betas and epsilon come from `TrainingArguments`, and its scheduler drives tables and the rest. Passing
+    `optimizers=` or `optimizer_cls_and_kwargs=`, or an `args.optim` other than torch AdamW, falls back to
     `Trainer`'s own optimizer (tables then get dense gradients).
+
+    With sharded tables (`shard_tables=True`, or a model loaded with `engram_table_parallel=True`) the gradient
+    norm spans every rank's shard, every rank writes its rows into the saved model (a standard checkpoint), and
+    each rank saves and resumes its own optimizer state (`optimizer-rank{r}-of-{W}.pt`: resuming needs W ranks).
     """
 
     ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused")
 
-    def __init__(self, *args, table_lr_multiplier: float = 5.0, sparse_table_grads: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        table_lr_multiplier: float = 5.0,
+        sparse_table_grads: bool = True,
+        shard_tables: bool = False,
+        **kwargs,
+    ):
         self.table_lr_multiplier = table_lr_multiplier
         self.sparse_table_grads = sparse_table_grads
         super().__init__(*args, **kwargs)
+        if shard_tables and not sharded_tables(self.model):
+            shard_engram_tables(self.model)
+        self.sharded = bool(sharded_tables(self.model))
+
+    def _clip_grad_norm(self, model):
+        if not self.sharded:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        return clip_grad_norm_(model, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self.sharded:
+            grad_norm = clip_grad_norm_(model, float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.sharded:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model.save_pretrained(output_dir, is_main_process=self.args.should_save)  # collective: every rank's rows
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        name = optimizer_shard_name(self.args.process_index, self.args.world_size)
+        torch.save(self.optimizer.state_dict(), os.path.join(output_dir, name))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.sharded:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_into_shards(self.model if model is None else model, resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self.sharded or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, optimizer_shard_name(self.args.process_index, self.args.world_size))
+        if not os.path.isfile(path):
+            written = sorted({int(m.group(1)) for f in glob.glob(os.path.join(checkpoint, "optimizer-rank*-of-*.pt"))
+                              if (m := re.search(r"-of-(\d+)\.pt$", f))})
+            raise ValueError(
+                f"checkpoint {checkpoint} holds the optimizer state of a sharded run on {written or 'no'} ranks; this "
+                f"run has {self.args.world_size}. Resume with the same number of ranks (table rows and their Adam "
+                "moments are split by rank count), or start a new run from the checkpoint's model, which loads on "
+                "any number of ranks."
+            )
+        device = self.args.device if self.args.device.type != "cpu" else "cpu"  # torch cannot restore to "cpu:0"
+        self.optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
     def create_optimizer(self, model=None):
         model = self.model if model is None else model
@@ -349,6 +428,7 @@ __all__ = [
     "create_engram_optimizer",
     "engram_parameter_groups",
     "engram_tables",
+    "optimizer_shard_name",
     "register_sparse_grad_norm",
     "set_sparse_table_grads",
     "table_optimizer_state_bytes",
