@@ -1,24 +1,41 @@
-"""Row-owner sharded table lookup on gloo, 2 and 3 processes (uneven blocks), against one whole table."""
+"""Row-owner sharded tables on gloo, 2 and 3 processes (uneven blocks), against one process with whole tables:
+the lookup and its gradient, loading straight into shards, the streamed standard save, generation, bad input, and
+a rank that dies. Training, clipping and resuming under EngramTrainer are in test_distributed.py."""
+
+import multiprocessing
+import os
+import time
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_model
 
-from modeling_engram.table_parallel import owner_lookup, row_blocks
+from modeling_engram import EngramForCausalLM, shard_engram_tables
+from modeling_engram.table_parallel import INDEX_FILE, TABLE_FILE, exchange_counter, owner_lookup, row_blocks
+from modeling_engram.training import create_engram_optimizer, engram_tables
 
 ROWS, WIDTH = 101, 8
 
 
-def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _join(rank: int, world: int, init_file: str, timeout: float = 300) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout))
+
+
+def _lookup_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    _join(rank, world, init_file)
     try:
         torch.manual_seed(0)
         table = torch.randn(ROWS, WIDTH)  # the same whole table on every rank, to cut the shards from
         starts = torch.tensor(row_blocks(ROWS, world))
         shard = torch.nn.Parameter(table[starts[rank] : starts[rank + 1]].clone())
         ids = torch.randint(0, ROWS, (40,), generator=torch.Generator().manual_seed(rank)).unique()
+        exchange_counter.reset()
         rows = owner_lookup(shard, ids, starts)
+        sent_small = exchange_counter.sent_bytes
         weights = torch.randn(rows.shape, generator=torch.Generator().manual_seed(100 + rank))
         (rows * weights).sum().backward()
         whole = torch.nn.Parameter(table.clone())  # what one process computes for every rank's batch
@@ -27,10 +44,16 @@ def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
             generator = torch.Generator().manual_seed(100 + other)
             other_weights = torch.randn((other_ids.numel(), WIDTH), generator=generator)
             (whole[other_ids] * other_weights).sum().backward()
+        # The same ids in a table 10,000 times larger: the exchange does not grow with the table.
+        big_starts = torch.tensor(row_blocks(ROWS * 10_000, world))
+        big_shard = torch.zeros(int(big_starts[rank + 1] - big_starts[rank]), WIDTH)
+        exchange_counter.reset()
+        owner_lookup(big_shard, ids * 10_000, big_starts)
         results[rank] = {
             "rows_equal": torch.equal(rows, table[ids]),
             "grad_close": torch.allclose(shard.grad.to_dense(), whole.grad[starts[rank] : starts[rank + 1]], atol=1e-6),
             "grad_rows": int(shard.grad.coalesce().indices().numel()),
+            "sent": (sent_small, exchange_counter.sent_bytes),
         }
     finally:
         dist.destroy_process_group()
@@ -39,12 +62,149 @@ def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_owner_lookup_equals_one_whole_table(tmp_path, world):
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
+    mp.spawn(_lookup_worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
     assert sorted(results) == list(range(world))
     for rank, result in results.items():
         assert result["rows_equal"], rank
         assert result["grad_close"], rank
         assert 0 < result["grad_rows"] <= ROWS
+        small, big = result["sent"]
+        assert small == big > 0, rank
+
+
+def probe_ids(vocab_size: int = 99) -> torch.Tensor:
+    return torch.randint(3, vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+@torch.no_grad()
+def mark_rows(model) -> None:
+    """Add each row's global index (x 1e-3) to it, so a save that puts a rank's rows at the wrong offset shows."""
+    for table in engram_tables(model):
+        start = table.row_shard.start if table.row_shard is not None else 0
+        rows = torch.arange(start, start + table.weight.shape[0], dtype=torch.float32)[:, None] * 1e-3
+        table.weight.add_(rows)
+
+
+def _sharded_model_worker(rank: int, world: int, init_file: str, folder: str, storage: str, results: dict) -> None:
+    _join(rank, world, init_file)
+    try:
+        base = os.path.join(folder, "base")
+        whole = EngramForCausalLM.from_pretrained(base).eval()
+        model = EngramForCausalLM.from_pretrained(base, engram_table_parallel=True, engram_storage=storage).eval()
+        ids = probe_ids()
+        with torch.no_grad():
+            same_logits = torch.equal(model(ids).logits, whole(ids).logits)
+        prompt = dict(input_ids=ids[:, :5], max_new_tokens=8, do_sample=False)
+        same_tokens = torch.equal(model.generate(**prompt), whole.generate(**prompt))
+        held = [(t.weight.shape[0], t.row_shard.stop - t.row_shard.start, t.num_embeddings, t.weight.device.type)
+                for t in engram_tables(model)]
+        if model.config.engram_row_format is None:
+            mark_rows(model)
+        model.save_pretrained(os.path.join(folder, "saved"))
+        results[rank] = {"same_logits": same_logits, "same_tokens": same_tokens, "held": held}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world, row_format, storage", [(2, None, "device"), (3, "fp8_e4m3", "host")])
+def test_sharded_load_generate_and_save_equal_one_process(tmp_path, world, row_format, storage):
+    """Each rank loads only its rows (device or host shards, fp32 or FP8), gives the logits and greedy tokens of the
+    whole model, and the collective save is a standard checkpoint that one process loads with identical logits."""
+    model = tiny_model(conv_nonzero=True, n_embed_per_ngram=64)  # rows 32 wide: one FP8 scale block
+    if row_format is not None:
+        model.quantize_engram_tables(row_format)
+    model.save_pretrained(tmp_path / "base")
+    results = mp.Manager().dict()
+    mp.spawn(_sharded_model_worker, args=(world, str(tmp_path / "init"), str(tmp_path), storage, results),
+             nprocs=world, join=True)
+    assert sorted(results) == list(range(world))
+    for rank, result in results.items():
+        assert result["same_logits"] and result["same_tokens"], rank
+        for held, block, rows, device in result["held"]:
+            assert held == block < rows and device == "cpu"
+    blocks = [[held for held, *_ in results[rank]["held"]] for rank in range(world)]
+    assert [sum(column) for column in zip(*blocks)] == [t.num_embeddings for t in engram_tables(model)]
+
+    saved = tmp_path / "saved"
+    assert (saved / INDEX_FILE).exists() and (saved / TABLE_FILE).exists() and not (saved / "model.safetensors").exists()
+    reloaded = EngramForCausalLM.from_pretrained(saved, attn_implementation="eager").eval()
+    if row_format is None:
+        mark_rows(model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(probe_ids()).logits, model(probe_ids()).logits)
+
+
+def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, results: dict) -> None:
+    _join(rank, world, init_file)
+    try:
+        base = os.path.join(folder, "base")
+        errors = {}
+        model = EngramForCausalLM.from_pretrained(base)
+        if rank == 1:  # a rank that loaded another model
+            model.config.engram_seed += 1
+            model.model.hasher.token_map[5] = 6
+        try:
+            shard_engram_tables(model)
+        except ValueError as error:
+            errors["config"] = str(error)
+        model = EngramForCausalLM.from_pretrained(base)
+        optimizer = create_engram_optimizer(model)  # built on the whole tables ...
+        shard_engram_tables(model)  # ... which this replaces by shards
+        ids = probe_ids()
+        model(ids, labels=ids).loss.backward()
+        try:
+            optimizer.step()
+        except ValueError as error:
+            errors["optimizer"] = str(error)
+        create_engram_optimizer(model).step()  # built after sharding: steps
+        results[rank] = errors
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_and_an_optimizer_built_before_sharding_are_clear_errors(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "base")
+    results = mp.Manager().dict()
+    mp.spawn(_bad_input_worker, args=(2, str(tmp_path / "init"), str(tmp_path), results), nprocs=2, join=True)
+    for rank in range(2):  # every rank raises, so none waits for the other in a later exchange
+        assert "rank 1 disagrees with rank 0 on the Engram config (engram_seed, token map)" in results[rank]["config"]
+        assert "this optimizer was built before shard_engram_tables()" in results[rank]["optimizer"]
+
+
+def _dying_worker(rank: int, world: int, init_file: str, folder: str, results: dict) -> None:
+    _join(rank, world, init_file, timeout=120)
+    model = EngramForCausalLM.from_pretrained(os.path.join(folder, "base"), engram_table_parallel=True)
+    ids = probe_ids()
+    with torch.no_grad():
+        model(ids)  # one forward together
+        if rank == 1:
+            os._exit(3)  # dies mid-run, without a word to the others
+        start = time.monotonic()
+        try:
+            for _ in range(50):
+                model(ids)
+            results[rank] = ("no error", time.monotonic() - start)
+        except Exception as error:  # noqa: BLE001 - whatever the backend raises, it must raise
+            results[rank] = (f"{type(error).__name__}: {error}", time.monotonic() - start)
+
+
+def test_a_rank_that_dies_makes_the_others_fail_instead_of_hanging(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "base")
+    results = mp.Manager().dict()
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_dying_worker, args=(rank, 2, str(tmp_path / "init"), str(tmp_path), results))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=200)
+    alive = [worker.pid for worker in workers if worker.is_alive()]
+    for worker in workers:
+        worker.kill()
+    assert not alive, "a rank hung after its peer died"
+    assert workers[1].exitcode == 3
+    message, seconds = results[0]
+    assert message != "no error" and seconds < 150, (message, seconds)
 
 
 def test_row_blocks_split_unevenly_and_refuse_too_few_rows():
@@ -53,8 +213,13 @@ def test_row_blocks_split_unevenly_and_refuse_too_few_rows():
         row_blocks(2, 3)
 
 
-def test_owner_lookup_needs_a_process_group():
+def test_sharding_needs_a_process_group(tmp_path):
     assert not dist.is_initialized()  # the test process never joins one: only the spawned workers do
     with pytest.raises(RuntimeError, match="initialise a process group first"):
         owner_lookup(torch.nn.Parameter(torch.zeros(3, 2)), torch.tensor([0]), torch.tensor([0, 3]))
-
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="initialise a process group first"):
+        shard_engram_tables(model)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="initialise a process group first"):
+        EngramForCausalLM.from_pretrained(tmp_path, engram_table_parallel=True)
