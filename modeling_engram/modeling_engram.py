@@ -42,10 +42,10 @@ from .hashing import EngramHasher
 from .memory import (
     EXTERNAL_TABLES, SHARDED_TABLES, EngramTable, RowFetch, attach_checkpoint_tables, check_checkpoint_tables,
 )
-from .table_parallel import require_process_group, save_table_shards, shard_engram_tables
 from .mhc import DYNAMIC_SCALE_INIT, HyperConnection, HyperHead, PlainResidual
 from .moe import EngramExperts, EngramMoE, EngramTopKRouter
 from .placement import resolve_table_placement
+from .table_parallel import require_process_group, save_table_shards, shard_engram_tables
 
 
 def _package_helper(name: str):

@@ -43,7 +43,7 @@ DIGEST_FIELDS = (
 
 
 class ExchangeCounter:
-    """Bytes this process has sent through the table exchanges (ids, counts, rows and row gradients)."""
+    """Bytes this process has sent to other ranks through the table exchanges (counts, ids, rows, row gradients)."""
 
     def __init__(self):
         self.sent_bytes = 0
@@ -77,7 +77,8 @@ def _exchange(tensor: torch.Tensor, send_counts: list[int], receive_counts: list
     """`all_to_all_single` of the rows of `tensor` [sum(send_counts), ...] -> [sum(receive_counts), ...]."""
     out = tensor.new_empty((sum(receive_counts), *tensor.shape[1:]))
     dist.all_to_all_single(out, tensor.contiguous(), receive_counts, send_counts, group=group)
-    exchange_counter.sent_bytes += tensor.numel() * tensor.element_size()
+    to_others = sum(send_counts) - send_counts[dist.get_rank(group)]
+    exchange_counter.sent_bytes += to_others * tensor[:1].numel() * tensor.element_size()
     return out
 
 
@@ -91,7 +92,7 @@ class _OwnerLookup(torch.autograd.Function):
         send_counts = torch.bincount(owners, minlength=world)
         receive_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(receive_counts, send_counts, group=group)
-        exchange_counter.sent_bytes += send_counts.numel() * send_counts.element_size()
+        exchange_counter.sent_bytes += (world - 1) * send_counts.element_size()
         send_counts, receive_counts = send_counts.tolist(), receive_counts.tolist()
         requested = _exchange(ids, send_counts, receive_counts, group)  # ids other ranks ask this rank for
         local = (requested - starts[dist.get_rank(group)]).to(shard.device)
