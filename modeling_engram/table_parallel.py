@@ -227,8 +227,9 @@ def shard_engram_tables(model: nn.Module, group=None) -> nn.Module:
     check_same_engram_config(model, group)
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
     table_group = dist.new_group(ranks)  # the exchanges get their own group: they never interleave with DDP's
-    for table in tables.values():
-        table.keep_rows(RowShard(table.num_embeddings, table_group))
+    shards = [RowShard(table.num_embeddings, table_group) for table in tables.values()]  # may refuse: cut nothing yet
+    for table, shard in zip(tables.values(), shards):
+        table.keep_rows(shard)
     ignored = [f"{name}.{tensor}" for name in tables for tensor in ("weight", "weight_scale", "offsets")]
     model._ddp_params_and_buffers_to_ignore = [*getattr(model, "_ddp_params_and_buffers_to_ignore", []), *ignored]
     if not _hook_handle:

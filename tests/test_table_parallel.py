@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_model
+from transformers import TrainingArguments
 
 from modeling_engram import EngramForCausalLM, shard_engram_tables
 from modeling_engram.table_parallel import INDEX_FILE, TABLE_FILE, exchange_counter, owner_lookup, row_blocks
-from modeling_engram.training import create_engram_optimizer, engram_tables
+from modeling_engram.training import EngramTrainer, create_engram_optimizer, engram_tables
 
 ROWS, WIDTH = 101, 8
 
@@ -157,6 +158,10 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
         except ValueError as error:
             errors["optimizer"] = str(error)
         create_engram_optimizer(model).step()  # built after sharding: steps
+        trainer = EngramTrainer(model=EngramForCausalLM.from_pretrained(base), shard_tables=True,
+                                args=TrainingArguments(os.path.join(folder, "out"), use_cpu=True, report_to=[]))
+        tables = engram_tables(trainer.model)
+        errors["trainer"] = trainer.sharded and all(t.row_shard is not None for t in tables)
         results[rank] = errors
     finally:
         dist.destroy_process_group()
@@ -169,6 +174,7 @@ def test_ranks_that_disagree_and_an_optimizer_built_before_sharding_are_clear_er
     for rank in range(2):  # every rank raises, so none waits for the other in a later exchange
         assert "rank 1 disagrees with rank 0 on the Engram config (engram_seed, token map)" in results[rank]["config"]
         assert "this optimizer was built before shard_engram_tables()" in results[rank]["optimizer"]
+        assert results[rank]["trainer"] is True  # EngramTrainer(shard_tables=True) shards a whole model
 
 
 def _dying_worker(rank: int, world: int, init_file: str, folder: str, results: dict) -> None:

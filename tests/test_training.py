@@ -207,6 +207,10 @@ def test_nccl_with_sparse_table_gradients_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
     create_engram_optimizer(model)  # the tables live on the CPU, which gloo serves
     assert all(table.sparse for table in tables(model).values())
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    for table in tables(model).values():
+        table.row_shard = object()  # sharded tables (table_parallel.py) are exchanged by all_to_all, never all-reduced
+    create_engram_optimizer(model)
 
 
 def test_optimizer_after_wrapping_in_ddp_is_a_clear_error(tmp_path):
