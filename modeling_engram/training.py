@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.optim.adam import adam
 from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 
 from .engram_layer import EngramLayer
 from .memory import EngramTable
@@ -362,15 +363,19 @@ class EngramTrainer(Trainer):
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _optimizer_shard_name(self) -> str:
+        shard = sharded_tables(self.model)[0].row_shard  # the ranks the tables are split over
+        return optimizer_shard_name(shard.rank, shard.world_size)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.sharded:
             return super()._save_optimizer_and_scheduler(output_dir)
-        name = optimizer_shard_name(self.args.process_index, self.args.world_size)
+        name = self._optimizer_shard_name()
         torch.save(self.optimizer.state_dict(), os.path.join(output_dir, name))
         if self.args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self.sharded:
@@ -380,19 +385,19 @@ class EngramTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if not self.sharded or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, optimizer_shard_name(self.args.process_index, self.args.world_size))
+        path = os.path.join(checkpoint, self._optimizer_shard_name())
         if not os.path.isfile(path):
             written = sorted({int(m.group(1)) for f in glob.glob(os.path.join(checkpoint, "optimizer-rank*-of-*.pt"))
                               if (m := re.search(r"-of-(\d+)\.pt$", f))})
             raise ValueError(
                 f"checkpoint {checkpoint} holds the optimizer state of a sharded run on {written or 'no'} ranks; this "
-                f"run has {self.args.world_size}. Resume with the same number of ranks (table rows and their Adam "
+                f"run has {sharded_tables(self.model)[0].row_shard.world_size}. Resume with the same number of ranks (table rows and their Adam "
                 "moments are split by rank count), or start a new run from the checkpoint's model, which loads on "
                 "any number of ranks."
             )
         device = self.args.device if self.args.device.type != "cpu" else "cpu"  # torch cannot restore to "cpu:0"
         self.optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def create_optimizer(self, model=None):
         model = self.model if model is None else model

@@ -1,6 +1,6 @@
 """Data-parallel training on the CPU (gloo, 2 and 3 processes) equals one process on the combined batch: with
 replicated tables (sparse all-reduce) and with tables sharded by rows (`--shard-tables`), including a sharded
-Trainer checkpoint that resumes to the uninterrupted run."""
+Trainer checkpoint that resumes to the uninterrupted run (resuming on another rank count: test_table_parallel.py)."""
 
 import glob
 import json
@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "examples" / "train.py")
-# Per process: 2 blocks x 2 accumulation steps; the clipping threshold (0.5) is below the gradient norms (~1).
+# Every run steps on 6 blocks (one process x 6, two x 3, three x 2) x 2 accumulation steps; the clipping threshold
+# (0.5) is below the gradient norms (~1).
 TRAIN = ["--block-size", "24", "--grad-accum", "2", "--steps", "4", "--lr", "1e-2", "--max-grad-norm", "0.5"]
 
 
@@ -63,12 +64,12 @@ def assert_same_training(parallel: dict, single: dict) -> None:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A saved tiny model and tokenizer, text files, and the one-process run on the combined batch (4 blocks)."""
+    """A saved tiny model and tokenizer, text files, and the one-process run on the combined batch (6 blocks)."""
     folder = tmp_path_factory.mktemp("ddp")
     tiny_model(vocab_size=99, conv_nonzero=True).save_pretrained(folder / "base")
     make_tiny_tokenizer().save_pretrained(folder / "base")
     files = [str(path) for path in write_text_files(folder / "text", count=3)]
-    run([sys.executable, SCRIPT, "--model", "base", "--files", *files, "--batch-size", "4", *TRAIN,
+    run([sys.executable, SCRIPT, "--model", "base", "--files", *files, "--batch-size", "6", *TRAIN,
          "--out", "single", "--report", "reports/single"], folder)
     return folder, files
 
@@ -76,7 +77,7 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_processes_keep_tables_identical_and_equal_one_process_on_the_combined_batch(workdir, launcher):
     folder, files = workdir
-    run([*launch(launcher, 2), SCRIPT, "--model", "base", "--files", *files, "--batch-size", "2", *TRAIN,
+    run([*launch(launcher, 2), SCRIPT, "--model", "base", "--files", *files, "--batch-size", "3", *TRAIN,
          "--out", launcher, "--report", f"reports/{launcher}"], folder)
 
     ranks = reports(folder / "reports", launcher)
@@ -96,14 +97,15 @@ def test_two_processes_keep_tables_identical_and_equal_one_process_on_the_combin
 
 
 def sharded_run(folder: Path, files: list[str], launcher: str, processes: int, name: str, *extra: str) -> list[dict]:
-    run([*launch(launcher, processes), SCRIPT, "--model", "base", "--files", *files, "--batch-size", "2", *TRAIN,
+    run([*launch(launcher, processes), SCRIPT, "--model", "base", "--files", *files,
+         "--batch-size", str(6 // processes), *TRAIN,
          "--shard-tables", "--out", name, "--report", f"reports/{name}", *extra], folder)
     return reports(folder / "reports", name)
 
 
 @pytest.fixture(scope="module")
 def sharded_two(workdir):
-    """Two processes with sharded tables (2 x 2 blocks per step, like the one-process run), saving at step 2."""
+    """Two processes with sharded tables (2 x 3 blocks per step, like the one-process run), saving at step 2."""
     folder, files = workdir
     return sharded_run(folder, files, "torchrun", 2, "sharded2", "--save-steps", "2")
 
@@ -129,10 +131,8 @@ def test_sharded_tables_on_two_processes_train_like_one_process(workdir, sharded
 def test_sharded_tables_on_three_processes_train_like_one_process(workdir):
     """An uneven split (the tables' rows are not multiples of 3), under accelerate launch."""
     folder, files = workdir
-    run([sys.executable, SCRIPT, "--model", "base", "--files", *files, "--batch-size", "6", *TRAIN,
-         "--out", "single6", "--report", "reports/single6"], folder)
     ranks = sharded_run(folder, files, "accelerate", 3, "sharded3")
-    assert_sharded_equals_single(folder, ranks, "sharded3", "single6")
+    assert_sharded_equals_single(folder, ranks, "sharded3", "single")
 
 
 def test_a_sharded_run_resumes_from_its_checkpoint_to_the_uninterrupted_run(workdir, sharded_two):
@@ -145,13 +145,3 @@ def test_a_sharded_run_resumes_from_its_checkpoint_to_the_uninterrupted_run(work
     assert final.keys() == uninterrupted.keys()
     for key, tensor in uninterrupted.items():
         assert torch.equal(final[key], tensor), key
-
-
-def test_resuming_a_sharded_checkpoint_on_another_number_of_ranks_is_refused(workdir, sharded_two):
-    folder, files = workdir
-    command = [*launch("torchrun", 3), SCRIPT, "--model", "base", "--files", *files, "--batch-size", "2", *TRAIN,
-               "--shard-tables", "--out", "resumed3", "--resume", str(folder / "sharded2" / "checkpoint-2")]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "holds the optimizer state of a sharded run on [2] ranks; this run has 3" in result.stdout + result.stderr

@@ -60,8 +60,8 @@ def _lookup_worker(rank: int, world: int, init_file: str, results: dict) -> None
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_owner_lookup_equals_one_whole_table(tmp_path, world):
+def test_owner_lookup_equals_one_whole_table(tmp_path, world=3):
+    """Three ranks, uneven blocks (34, 34, 33 rows); two ranks are covered by the model and training tests."""
     results = mp.Manager().dict()
     mp.spawn(_lookup_worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
     assert sorted(results) == list(range(world))
@@ -162,12 +162,20 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
                                 args=TrainingArguments(os.path.join(folder, "out"), use_cpu=True, report_to=[]))
         tables = engram_tables(trainer.model)
         errors["trainer"] = trainer.sharded and all(t.row_shard is not None for t in tables)
+        resharded = os.path.join(folder, "checkpoint-of-3-ranks")  # a sharded Trainer checkpoint written by 3 ranks
+        os.makedirs(resharded, exist_ok=True)
+        for other in range(3):
+            open(os.path.join(resharded, f"optimizer-rank{other}-of-3.pt"), "wb").close()
+        try:
+            trainer._load_optimizer_and_scheduler(resharded)
+        except ValueError as error:
+            errors["resume"] = str(error)
         results[rank] = errors
     finally:
         dist.destroy_process_group()
 
 
-def test_ranks_that_disagree_and_an_optimizer_built_before_sharding_are_clear_errors(tmp_path):
+def test_ranks_that_disagree_an_optimizer_built_before_sharding_and_resharding_are_clear_errors(tmp_path):
     tiny_model().save_pretrained(tmp_path / "base")
     results = mp.Manager().dict()
     mp.spawn(_bad_input_worker, args=(2, str(tmp_path / "init"), str(tmp_path), results), nprocs=2, join=True)
@@ -175,6 +183,7 @@ def test_ranks_that_disagree_and_an_optimizer_built_before_sharding_are_clear_er
         assert "rank 1 disagrees with rank 0 on the Engram config (engram_seed, token map)" in results[rank]["config"]
         assert "this optimizer was built before shard_engram_tables()" in results[rank]["optimizer"]
         assert results[rank]["trainer"] is True  # EngramTrainer(shard_tables=True) shards a whole model
+        assert "holds the optimizer state of a sharded run on [3] ranks; this run has 2" in results[rank]["resume"]
 
 
 def _dying_worker(rank: int, world: int, init_file: str, folder: str, results: dict) -> None:
