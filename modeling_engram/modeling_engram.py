@@ -272,9 +272,9 @@ class EngramPreTrainedModel(PreTrainedModel):
             return super().save_pretrained(save_directory, *args, **kwargs)
         # Sharded tables (table_parallel.py): a collective save. The main process writes everything else, then every
         # rank streams its own rows into one table file of the same standard checkpoint.
-        if args or kwargs.get("state_dict") is not None:
-            raise ValueError("save_pretrained of a model with sharded Engram tables takes no state_dict: every rank "
-                             "writes its own rows (call it on every rank).")
+        if args or kwargs.get("state_dict") is not None or kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained of a model with sharded Engram tables takes no state_dict and does not "
+                             "push: every rank writes its own rows (call it on every rank), then push the folder.")
         is_main = kwargs.pop("is_main_process", torch.distributed.get_rank() == 0)
         state = {k: v for k, v in self.state_dict().items() if k.rsplit(".", 1)[0] not in shards}
         if is_main:
