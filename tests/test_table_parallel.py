@@ -107,9 +107,10 @@ def _sharded_model_worker(rank: int, world: int, init_file: str, folder: str, st
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, row_format, storage", [(2, None, "device"), (3, "fp8_e4m3", "host")])
+# Device tables load sharded in every training test (test_distributed.py); here the other two storages.
+@pytest.mark.parametrize("world, row_format, storage", [(2, None, "disk"), (3, "fp8_e4m3", "host")])
 def test_sharded_load_generate_and_save_equal_one_process(tmp_path, world, row_format, storage):
-    """Each rank loads only its rows (device or host shards, fp32 or FP8), gives the logits and greedy tokens of the
+    """Each rank loads only its rows (disk or host shards, fp32 or FP8), gives the logits and greedy tokens of the
     whole model, and the collective save is a standard checkpoint that one process loads with identical logits."""
     model = tiny_model(conv_nonzero=True, n_embed_per_ngram=64)  # rows 32 wide: one FP8 scale block
     if row_format is not None:
