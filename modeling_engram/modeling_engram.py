@@ -45,7 +45,7 @@ from .memory import (
 from .mhc import DYNAMIC_SCALE_INIT, HyperConnection, HyperHead, PlainResidual
 from .moe import EngramExperts, EngramMoE, EngramTopKRouter
 from .placement import resolve_table_placement
-from .table_parallel import require_process_group, save_table_shards, shard_engram_tables
+from .table_parallel import require_process_group, save_table_shards, shard_engram_tables, sharded_tables
 
 
 def _package_helper(name: str):
@@ -267,7 +267,7 @@ class EngramPreTrainedModel(PreTrainedModel):
         package), config.json's `auto_map` names all three Auto classes, whichever of them this model is."""
         if self.is_remote_code():
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.export_auto_map()}
-        shards = {name for name, m in self.named_modules() if isinstance(m, EngramTable) and m.row_shard is not None}
+        shards = sharded_tables(self)
         if not shards:
             return super().save_pretrained(save_directory, *args, **kwargs)
         # Sharded tables (table_parallel.py): a collective save. The main process writes everything else, then every

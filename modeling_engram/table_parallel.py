@@ -143,6 +143,8 @@ class RowShard:
 
     def lookup(self, table: EngramTable, unique: torch.LongTensor) -> torch.Tensor:
         """Compact rows (`EngramTable.compact_rows`) of the sorted unique global ids `unique`."""
+        if self._starts.device != unique.device:  # moved once, not per lookup
+            self._starts = self._starts.to(unique.device)
         return owner_lookup(table.weight, unique, self._starts, self.group, read=table.compact_rows,
                             grad_scale=1.0 / self.world_size, sparse=table.sparse)
 
@@ -150,9 +152,9 @@ class RowShard:
         return f"rows {self.start}..{self.stop - 1} of {self.starts[-1]} (rank {self.rank} of {self.world_size})"
 
 
-def sharded_tables(model: nn.Module) -> list[EngramTable]:
-    """The Engram tables of `model` that are sharded over ranks."""
-    return [m for m in model.modules() if isinstance(m, EngramTable) and m.row_shard is not None]
+def sharded_tables(model: nn.Module) -> dict[str, EngramTable]:
+    """The Engram tables of `model` that are sharded over ranks, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, EngramTable) and m.row_shard is not None}
 
 
 def _engram_config(model: nn.Module):
@@ -245,7 +247,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     all-reduced over their group. Every rank gets the same total norm and clips by it. Returns the total norm.
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    tables = sharded_tables(model)
+    tables = list(sharded_tables(model).values())
     shard_ids = {id(table.weight) for table in tables}
     replicated = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in shard_ids], norm_type)
     local = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in shard_ids], norm_type)
@@ -274,7 +276,7 @@ def save_table_shards(model: nn.Module, save_directory: str, is_main_process: bo
     rows at their offsets, WRITE_CHUNK_ROWS rows at a time; no rank ever holds more than its shard. The folder
     must be shared by all ranks (one machine, or a shared file system).
     """
-    tables = {name: m for name, m in model.named_modules() if isinstance(m, EngramTable) and m.row_shard is not None}
+    tables = sharded_tables(model)
     group = next(iter(tables.values())).row_shard.group
     header, offset, layout = {}, 0, []
     for name, table in tables.items():
@@ -347,7 +349,7 @@ def load_into_shards(model: nn.Module, folder: str) -> None:
     from safetensors import safe_open
 
     files = checkpoint_files(folder)
-    tables = {name: m for name, m in model.named_modules() if isinstance(m, EngramTable) and m.row_shard is not None}
+    tables = sharded_tables(model)
     state = {}
     for path in files:
         with safe_open(path, "pt") as handle:

@@ -365,8 +365,12 @@ class EngramTrainer(Trainer):
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def _row_shard(self):
+        """The ranks the tables are split over (every table shares one group)."""
+        return next(iter(sharded_tables(self.model).values())).row_shard
+
     def _optimizer_shard_name(self) -> str:
-        shard = sharded_tables(self.model)[0].row_shard  # the ranks the tables are split over
+        shard = self._row_shard()
         return optimizer_shard_name(shard.rank, shard.world_size)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -391,7 +395,7 @@ class EngramTrainer(Trainer):
                               if (m := re.search(r"-of-(\d+)\.pt$", f))})
             raise ValueError(
                 f"checkpoint {checkpoint} holds the optimizer state of a sharded run on {written or 'no'} ranks; this "
-                f"run has {sharded_tables(self.model)[0].row_shard.world_size}. Resume with the same number of ranks (table rows and their Adam "
+                f"run has {self._row_shard().world_size}. Resume with the same number of ranks (table rows and their Adam "
                 "moments are split by rank count), or start a new run from the checkpoint's model, which loads on "
                 "any number of ranks."
             )
