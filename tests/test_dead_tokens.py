@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_V41, decode_one_by_one, tiny_config, tiny_model
+from conftest import TINY_V41, decode_one_by_one, require, tiny_config, tiny_model
 
 from modeling_engram.hashing import DEAD, EngramHasher
 from modeling_engram.kernel_dispatch import force_engram_kernel
@@ -41,7 +41,7 @@ def test_padding_reads_the_pad_id_not_dead():
 
 @pytest.mark.parametrize("length", [1, 7, 63])
 def test_triton_and_reference_hash_dead_tokens_like_torch(length):
-    kernels = pytest.importorskip("engram_kernels", reason="Triton is not installed on this platform")
+    kernels = require("engram_kernels")
     h = hasher(vocab_size=97)
     generator = torch.Generator().manual_seed(length)
     ids = torch.randint(3, 9, (3, length), generator=generator)  # a third of them dead
@@ -81,7 +81,7 @@ def test_the_gate_is_zero_at_dead_tokens():
 @pytest.mark.parametrize("conv", [0, 4])
 def test_cached_decoding_with_dead_tokens_equals_the_full_forward(kernel, conv):
     if kernel == "triton":
-        pytest.importorskip("engram_kernels", reason="Triton is not installed on this platform")
+        require("engram_kernels")
     model = tiny_model(hc_mult=4, engram_kernel_size=conv, engram_dead_token_ids=DEAD_IDS)
     ids = torch.tensor([[40, 41, 5, 42, 43, 6, 6, 44, 45, 46], [5, 47, 48, 49, 6, 50, 51, 52, 53, 5]])
     with force_engram_kernel(kernel), torch.no_grad():

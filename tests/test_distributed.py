@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_model, write_text_files
+from conftest import make_tiny_tokenizer, require, tiny_model, write_text_files
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.distributed
+require("datasets")  # examples/train.py reads its text through it
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "examples" / "train.py")
 # Every run steps on 6 blocks (one process x 6, two x 3, three x 2) x 2 accumulation steps; the clipping threshold
@@ -74,7 +76,7 @@ def workdir(tmp_path_factory):
     return folder, files
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
 def test_two_processes_keep_tables_identical_and_equal_one_process_on_the_combined_batch(workdir, launcher):
     folder, files = workdir
     run([*launch(launcher, 2), SCRIPT, "--model", "base", "--files", *files, "--batch-size", "3", *TRAIN,
@@ -124,10 +126,12 @@ def assert_sharded_equals_single(folder: Path, ranks: list[dict], name: str, sin
         torch.testing.assert_close(saved[key], tensor, atol=2e-6, rtol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_sharded_tables_on_two_processes_train_like_one_process(workdir, sharded_two):
     assert_sharded_equals_single(workdir[0], sharded_two, "sharded2", "single")
 
 
+@pytest.mark.slow
 def test_sharded_tables_on_three_processes_train_like_one_process(workdir):
     """An uneven split (the tables' rows are not multiples of 3), under accelerate launch."""
     folder, files = workdir
@@ -135,6 +139,7 @@ def test_sharded_tables_on_three_processes_train_like_one_process(workdir):
     assert_sharded_equals_single(folder, ranks, "sharded3", "single")
 
 
+@pytest.mark.slow
 def test_a_sharded_run_resumes_from_its_checkpoint_to_the_uninterrupted_run(workdir, sharded_two):
     folder, files = workdir
     checkpoint = folder / "sharded2" / "checkpoint-2"

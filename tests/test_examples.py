@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
+for module in ("datasets", "matplotlib", "peft"):  # the scripts run in subprocesses: a missing extra skips here
+    require(module)
 
 
 TINY_MAIN = ["--vocab-size", "600", "--seq-len", "64", "--batch-size", "4", "--hidden", "64", "--experts", "8",
@@ -48,6 +51,7 @@ def test_main_job_trains_three_models_per_seed_reports_plots_and_reloads(tmp_pat
     assert (out / "engram_model" / "model.safetensors").exists() and (out / "engram_model" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_allocation_sweep_trains_every_rho_and_plots(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "allocation_sweep.py"), "--steps", "20", "--max-files", "20",
@@ -61,6 +65,7 @@ def test_allocation_sweep_trains_every_rho_and_plots(tmp_path):
     assert (tmp_path / "allocation_sweep.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_main_job_sweep_trains_the_chosen_models_with_one_setting_changed(tmp_path):
     out = tmp_path / "sweep.jsonl"
     tiny = [f"{option.removeprefix('--').replace('-', '_')}={value}" for option, value in zip(TINY_MAIN[::2], TINY_MAIN[1::2])]
@@ -93,6 +98,7 @@ def test_readme_training_snippet_runs(tmp_path, monkeypatch, tiny_tokenizer):
     assert model.model.layers[0].engram.table.sparse and not torch.equal(model.model.layers[0].engram.table.weight, table)
 
 
+@pytest.mark.slow
 def test_main_job_trains_on_a_saved_datasets_dataset(tmp_path):
     from datasets import Dataset, DatasetDict
 
@@ -113,6 +119,7 @@ def test_main_job_trains_on_a_saved_datasets_dataset(tmp_path):
     assert len(json.loads((out / "results.json").read_text())["rows"]) == 3
 
 
+@pytest.mark.slow
 def test_retrofit_example_reports_all_four_models_on_a_tiny_base(tmp_path, tiny_tokenizer):
     """examples/retrofit.py end to end on a tiny saved Llama (the default SmolLM2 run is timed in the README)."""
     from test_retrofit import save_tiny_base
@@ -138,6 +145,7 @@ def test_retrofit_example_reports_all_four_models_on_a_tiny_base(tmp_path, tiny_
         assert (out / name).stat().st_size > 1000, name
 
 
+@pytest.mark.slow
 def test_row_format_bench_reports_every_format(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "row_formats.py"), "--batches", "1", "--rounds", "1", "--table-rows",

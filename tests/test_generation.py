@@ -119,5 +119,7 @@ def test_pipeline_text_generation(tiny_tokenizer):
     model = tiny_model(vocab_size=len(tiny_tokenizer))
     generator = pipeline("text-generation", model=model, tokenizer=tiny_tokenizer)
     result = generator("def main():", max_new_tokens=6, do_sample=False)
-    text = result[0]["generated_text"]
-    assert text.startswith("def main():") and len(text) > len("def main():")
+    prompt_ids = tiny_tokenizer("def main():", return_tensors="pt").input_ids
+    expected = model.generate(prompt_ids, max_new_tokens=6, do_sample=False)
+    assert expected.shape[1] == prompt_ids.shape[1] + 6
+    assert result[0]["generated_text"] == tiny_tokenizer.decode(expected[0], skip_special_tokens=True)

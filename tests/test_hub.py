@@ -84,6 +84,7 @@ def test_exported_files_follow_imports_transitively_and_inside_try(tmp_path):
     assert sorted(transformers_copies) == ["a.py", "a2.py", "fast.py"]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_saved_folder_loads_with_remote_code_in_a_clean_environment(tmp_path):
     # sdpa, as from_pretrained picks by default: identical outputs need the same attention kernel on both sides
@@ -187,6 +188,7 @@ print("PUSHED " + json.dumps({"commits": [str(i.oid) for i in infos], "edited_ca
 """
 
 
+@pytest.mark.slow
 def test_push_to_hub_and_load_by_repo_id_in_a_clean_process(fake_hub, tmp_path):
     env = hub_env(fake_hub, tmp_path)
     reference = tmp_path / "reference.safetensors"
@@ -296,6 +298,8 @@ print("CARD " + str(card).splitlines()[0])
 """
 
 
+@pytest.mark.install
+@pytest.mark.slow
 def test_card_template_has_one_copy_at_the_top_and_works_from_a_wheel(fake_hub, tmp_path):
     assert (ROOT / CARD_TEMPLATE).is_file() and not (PACKAGE_DIR / CARD_TEMPLATE).exists(), "one template, at the top"
     source = source_copy(tmp_path)
@@ -316,6 +320,8 @@ def test_card_template_has_one_copy_at_the_top_and_works_from_a_wheel(fake_hub, 
     assert "engram" in pushed.data.tags and "## Architecture" in pushed.text
 
 
+@pytest.mark.notebook
+@pytest.mark.slow
 def test_share_on_the_hub_notebook_runs_against_the_fake_hub(fake_hub, tmp_path):
     import nbformat
     from nbclient import NotebookClient

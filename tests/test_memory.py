@@ -221,6 +221,7 @@ def test_invalid_storage_is_named():
         paper_like_config(engram_storage="ssd")
 
 
+@pytest.mark.slow
 def test_tables_larger_than_the_allowed_memory_load_from_disk_and_generate(tmp_path):
     """A 3.1 GB table (sparse file) loads with engram_storage='disk' and generates within a 1 GB peak RSS."""
     script = ROOT / "bench" / "large_table.py"

@@ -100,6 +100,7 @@ def test_bf16_forward_runs_and_stays_close(backbone):
     torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.parametrize("backbone", ["hc1", "hc4-moe"])
 def test_torch_compile_of_the_forward_runs_as_one_graph(backbone):
@@ -139,7 +140,14 @@ def test_out_of_range_token_ids_are_named(bad):
 def test_labels_may_hold_minus_100_but_ids_may_not():
     model = tiny_model()
     batch = ids()
-    model(batch, labels=torch.full_like(batch, -100).index_fill(1, torch.tensor([3]), 5))
+    out = model(batch, labels=torch.full_like(batch, -100).index_fill(1, torch.tensor([3]), 5))
+    # One target per row (token 5 at position 3, predicted from position 2): the loss is that prediction's alone.
+    expected = torch.nn.functional.cross_entropy(out.logits[:, 2], torch.tensor([5, 5]))
+    torch.testing.assert_close(out.loss, expected)
+    masked_ids = batch.clone()
+    masked_ids[0, 3] = -100  # labels copied into input_ids by a faulty collator
+    with pytest.raises(ValueError, match=r"token id -100, outside the vocabulary"):
+        model(masked_ids)
 
 
 def test_empty_sequence_is_a_clear_error():

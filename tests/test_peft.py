@@ -5,9 +5,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_model
-from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from conftest import require, tiny_model
 from transformers import AutoModelForCausalLM
+
+require("peft")
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from modeling_engram import gating_module_names, gating_parameter_names, gating_peft_config
 

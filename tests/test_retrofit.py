@@ -132,6 +132,7 @@ def test_engram_learns_from_the_first_step(family_base, tokenizer):
     assert engram.kv_proj.value_proj.weight.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_retrofit_saves_reloads_and_exports_for_remote_code(tmp_path, tokenizer):
     base = save_tiny_base("qwen3", tmp_path / "base")
     model = EngramForCausalLM.from_base_model(str(base), tokenizer, **ENGRAM).eval()
@@ -222,6 +223,7 @@ print("SHARED " + json.dumps({"full": torch.equal(full, expected), "compact": to
 """
 
 
+@pytest.mark.slow
 def test_full_and_compact_forms_push_and_load_by_repo_id(fake_hub, tmp_path):
     stdout = run_python(["-c", HUB_SCRIPT, str(tmp_path / "base")], hub_env(fake_hub, tmp_path), cwd=tmp_path)
     shared = json.loads(next(line for line in stdout.splitlines() if line.startswith("SHARED "))[7:])
@@ -365,6 +367,7 @@ def test_bad_input_is_refused_with_the_value_named(tmp_path, tokenizer):
         save_engram_adapter(EngramForCausalLM(EngramForCausalLM.config_class(**COMMON, **ENGRAM)), tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_smollm2_is_exact_at_step_0_and_engram_only_steps_lower_the_loss(smollm2):
     base, tokenizer, _ = smollm2
     assert base.config.quantization_config.quant_method == "gguf", "loaded from the package's GGUF file"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import decode_one_by_one, tiny_model
+from conftest import decode_one_by_one, require, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -161,7 +161,7 @@ def test_fp8_cached_generation_equals_the_full_forward(fp8_checkpoint):
 
 
 def test_triton_fp8_gather_equals_the_torch_path(fp8_checkpoint):
-    pytest.importorskip("engram_kernels", reason="Triton is not installed on this platform")
+    require("engram_kernels")
     model, _ = fp8_checkpoint
     ids = torch.randint(3, 97, (2, 7))
     hash_ids = model.model.hasher(ids)[0]
@@ -196,7 +196,7 @@ def test_fp8_tables_refuse_training_but_allow_gating_only_fine_tuning(fp8_checkp
     model, _ = fp8_checkpoint
     with pytest.raises(ValueError, match=r"tables are fp8_e4m3 .* cannot be trained: train with fp32 or bf16 tables"):
         create_engram_optimizer(model)
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     gated = peft.get_peft_model(fp8_model(), gating_peft_config(lora_r=2))
     optimizer = create_engram_optimizer(gated, lr=1e-2)
     ids = torch.randint(3, 97, (2, 9))

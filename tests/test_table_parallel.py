@@ -60,6 +60,8 @@ def _lookup_worker(rank: int, world: int, init_file: str, results: dict) -> None
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_owner_lookup_equals_one_whole_table(tmp_path, world=3):
     """Three ranks, uneven blocks (34, 34, 33 rows); two ranks are covered by the model and training tests."""
     results = mp.Manager().dict()
@@ -108,7 +110,9 @@ def _sharded_model_worker(rank: int, world: int, init_file: str, folder: str, st
 
 
 # Device tables load sharded in every training test (test_distributed.py); here the other two storages.
-@pytest.mark.parametrize("world, row_format, storage", [(2, None, "disk"), (3, "fp8_e4m3", "host")])
+@pytest.mark.distributed
+@pytest.mark.parametrize("world, row_format, storage",
+                         [(2, None, "disk"), pytest.param(3, "fp8_e4m3", "host", marks=pytest.mark.slow)])
 def test_sharded_load_generate_and_save_equal_one_process(tmp_path, world, row_format, storage):
     """Each rank loads only its rows (disk or host shards, fp32 or FP8), gives the logits and greedy tokens of the
     whole model, and the collective save is a standard checkpoint that one process loads with identical logits."""
@@ -176,6 +180,8 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_ranks_that_disagree_an_optimizer_built_before_sharding_and_resharding_are_clear_errors(tmp_path):
     tiny_model().save_pretrained(tmp_path / "base")
     results = mp.Manager().dict()
@@ -204,6 +210,8 @@ def _dying_worker(rank: int, world: int, init_file: str, folder: str, results: d
             results[rank] = (f"{type(error).__name__}: {error}", time.monotonic() - start)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_rank_that_dies_makes_the_others_fail_instead_of_hanging(tmp_path):
     tiny_model().save_pretrained(tmp_path / "base")
     results = mp.Manager().dict()

@@ -2,9 +2,11 @@
 
 import html
 
-import matplotlib.image
 import torch
-from conftest import make_tiny_tokenizer, tiny_model
+from conftest import make_tiny_tokenizer, require, tiny_model
+
+matplotlib = require("matplotlib")
+import matplotlib.image  # noqa: E402
 
 from modeling_engram.engram_layer import signed_sqrt_gate
 from modeling_engram.visualize import gate_heatmap, gate_values

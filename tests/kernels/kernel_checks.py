@@ -8,8 +8,9 @@ import tempfile
 
 import pytest
 import torch
+from conftest import require
 
-engram_kernels = pytest.importorskip("engram_kernels", reason="Triton does not import here (Linux x86_64 only)")
+engram_kernels = require("engram_kernels")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: Triton's interpreter (conftest)
 LENGTHS = [1, 7, 63, 500]

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, require
 
-pytest.importorskip("triton", reason="Triton does not import here (Linux x86_64 only)")
+require("triton")
 
 
 def test_lookup_kernel_bench_reports_parity(monkeypatch, capsys):

@@ -7,9 +7,10 @@ import sys
 import sysconfig
 
 import pytest
-from conftest import source_copy
+from conftest import require, source_copy
 
-pytest.importorskip("triton", reason="Triton does not import here (Linux x86_64 only)")
+require("triton")
+pytestmark = [pytest.mark.install, pytest.mark.slow]
 
 IMPORT_CHECK = r"""
 import importlib.util, json, os, sys, torch
@@ -76,4 +77,4 @@ def test_editable_install_exposes_engram_kernels(tmp_path):
     pip_install("--prefix", str(tmp_path / "prefix"), "-e", ".", cwd=source)
     prefix = str(tmp_path / "prefix")
     purelib = sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix})
-    check(import_check(purelib, tmp_path), source / "kernels")
+    check(import_check(purelib, tmp_path), source / "kernels" / "engram_kernels")
