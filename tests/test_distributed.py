@@ -76,7 +76,8 @@ def workdir(tmp_path_factory):
     return folder, files
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_processes_keep_tables_identical_and_equal_one_process_on_the_combined_batch(workdir, launcher):
     folder, files = workdir
     run([*launch(launcher, 2), SCRIPT, "--model", "base", "--files", *files, "--batch-size", "3", *TRAIN,

@@ -1,4 +1,5 @@
-"""Every notebook in examples/ runs top to bottom (tiny sizes), and is stored executed, with stable outputs."""
+"""Every notebook in examples/ runs top to bottom (tiny sizes; share_on_the_hub in test_hub.py, against a fake Hub) and
+reproduces the checks its stored copy shows, and the stored copies are executed, with stable outputs."""
 
 import copy
 import os
@@ -17,7 +18,9 @@ from run_notebooks import execute, stabilise  # noqa: E402
 
 ids = [p.stem for p in NOTEBOOKS]
 # share_on_the_hub runs once, against a fake Hub, in test_hub.py: run here as well, it would only print "nothing pushed".
-RUN_HERE = [p for p in NOTEBOOKS if p.stem != "share_on_the_hub"]
+# retrofit shares the de-quantized SmolLM2 with test_retrofit.py: one pytest-xdist worker loads it for both.
+RUN_HERE = [pytest.param(p, id=p.stem, marks=[pytest.mark.xdist_group("smollm2")] * (p.stem == "retrofit"))
+            for p in NOTEBOOKS if p.stem != "share_on_the_hub"]
 
 
 def claims(notebook) -> list[str]:
@@ -32,7 +35,7 @@ def claims(notebook) -> list[str]:
 
 @pytest.mark.notebook
 @pytest.mark.slow
-@pytest.mark.parametrize("path", RUN_HERE, ids=[p.stem for p in RUN_HERE])
+@pytest.mark.parametrize("path", RUN_HERE)
 def test_notebook_runs_and_its_checks_hold(path, tmp_path, monkeypatch, request):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if path.stem == "retrofit":  # the same SmolLM2, already de-quantized from its GGUF file

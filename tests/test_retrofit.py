@@ -368,6 +368,7 @@ def test_bad_input_is_refused_with_the_value_named(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")
 def test_smollm2_is_exact_at_step_0_and_engram_only_steps_lower_the_loss(smollm2):
     base, tokenizer, _ = smollm2
     assert base.config.quantization_config.quant_method == "gguf", "loaded from the package's GGUF file"
