@@ -19,6 +19,7 @@ TINY_MAIN = ["--vocab-size", "600", "--seq-len", "64", "--batch-size", "4", "--h
              "--expert-width", "32", "--engram-width", "32", "--val-blocks", "8"]
 
 
+@pytest.mark.slow
 def test_main_job_trains_three_models_per_seed_reports_plots_and_reloads(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
