@@ -139,11 +139,12 @@ class EngramShortConv(nn.Module):
         if cache is None:
             outputs = causal_depthwise_conv(hidden_states, weight.t().contiguous(), length, self.dilation)
         else:
-            decoding = cache.get_conv_state(self.layer_idx, CONV_STATE) is not None and length == 1
-            inputs = cache.update_conv_state(  # [B, C, L + T]: transformers keeps time last
+            inputs = cache.update_conv_state(  # [B, C, P + T]: transformers keeps time last
                 hidden_states.transpose(1, 2), self.layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.state_len
             )
-            if decoding:  # one step: the K inputs it reads, channels first, as they come from the cache
+            # P < L after a prompt shorter than the state while the cache records its past (assisted decoding keeps
+            # the unpadded past to roll back): the general path reads zeros before the start.
+            if length == 1 and inputs.shape[-1] > self.state_len:  # one step: its K inputs, channels first
                 outputs = (inputs[..., -self.state_len - 1 :: self.dilation] * weight).sum(-1).unsqueeze(1)
             else:
                 outputs = causal_depthwise_conv(inputs.transpose(1, 2), weight.t().contiguous(), length, self.dilation)

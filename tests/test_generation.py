@@ -103,6 +103,28 @@ def test_cropped_cache_equals_full_forward(hc_model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("length", [pytest.param(n, id=f"T{n}", marks=[pytest.mark.slow] * (n not in (1, 5, 9)))
+                                    for n in range(1, 13)])
+def test_every_decoding_strategy_is_exact_on_prompts_shorter_and_longer_than_the_conv_state(hc_model, length):
+    """Prompts of 1-12 tokens, around the conv state ((kernel - 1) * max_ngram_size = 9) and the token history (2):
+    assisted and prompt-lookup decoding equal greedy; greedy, seeded sampling and beams equal their cache-less runs.
+    (Contrastive search left transformers' core in 5.x: it is a Hub `custom_generate` now.)"""
+    ids = prompt(batch=1, length=length, seed=length)
+    settings = dict(max_new_tokens=6, pad_token_id=0)
+    greedy = hc_model.generate(ids, do_sample=False, **settings)
+    assert torch.equal(hc_model.generate(ids, do_sample=False, use_cache=False, **settings), greedy)
+    assisted = hc_model.generate(ids, do_sample=False, assistant_model=tiny_model(seed=1), **settings)
+    assert torch.equal(assisted, greedy)
+    assert torch.equal(hc_model.generate(ids, do_sample=False, prompt_lookup_num_tokens=2, **settings), greedy)
+    for strategy in (dict(do_sample=True, top_k=5), dict(do_sample=False, num_beams=3)):
+        runs = []
+        for use_cache in (True, False):
+            torch.manual_seed(length)
+            runs.append(hc_model.generate(ids, use_cache=use_cache, **strategy, **settings))
+        assert torch.equal(*runs), strategy
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_assisted_generation_equals_greedy(backbone):
     model, draft = tiny_model(seed=0, **BACKBONES[backbone]), tiny_model(seed=1)
