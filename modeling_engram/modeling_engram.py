@@ -33,6 +33,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -401,6 +402,7 @@ class EngramModel(EngramPreTrainedModel):
             for layer_id, ids in hash_ids.items()
         }
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as transformers' own models: the 4.x name
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -490,6 +492,21 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
         over its base model, by default the one it records. See `modeling_engram.engram_adapter`."""
         return _required_helper("engram_adapter").from_engram_adapter(adapter, base, model_class=cls, **kwargs)
 
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
+        """GenerationMixin's inputs, with the prompt's ids kept beside its embeddings on the first step (transformers
+        drops them there; Engram hashes them)."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        embeds = model_inputs.get("inputs_embeds")
+        if model_inputs.get("input_ids") is None and embeds is not None:
+            if input_ids is None or input_ids.shape[1] < embeds.shape[1]:
+                raise ValueError(
+                    "generate(inputs_embeds=...) needs the input_ids they embed too (generate(input_ids=ids, "
+                    "inputs_embeds=embeds)): Engram hashes the token ids."
+                )
+            model_inputs["input_ids"] = input_ids[:, -embeds.shape[1] :].clone(memory_format=torch.contiguous_format)
+        return model_inputs
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,

@@ -145,3 +145,28 @@ def test_pipeline_text_generation(tiny_tokenizer):
     expected = model.generate(prompt_ids, max_new_tokens=6, do_sample=False)
     assert expected.shape[1] == prompt_ids.shape[1] + 6
     assert result[0]["generated_text"] == tiny_tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def test_the_old_past_key_values_name_is_honoured_with_transformers_deprecation_warning(hc_model):
+    ids = prompt(length=12)
+    full = hc_model(ids).logits
+    cache = hc_model(ids[:, :8], use_cache=True).cache
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        out = hc_model(ids[:, 8:], past_key_values=cache, use_cache=True)
+    assert out.cache is cache
+    torch.testing.assert_close(out.logits, full[:, 8:], atol=ATOL, rtol=0)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        base = hc_model.model(ids[:, :8], past_key_values=DynamicCache(config=hc_model.config), use_cache=True)
+    assert base.cache.get_seq_length() == 8
+
+
+@torch.no_grad()
+def test_generate_from_ids_and_embeddings_equals_generate_from_ids(hc_model):
+    ids = prompt(length=7)
+    expected = hc_model.generate(ids, max_new_tokens=5, do_sample=False)
+    embeds = hc_model.get_input_embeddings()(ids)
+    both = hc_model.generate(input_ids=ids, inputs_embeds=embeds, max_new_tokens=5, do_sample=False)
+    assert torch.equal(both, expected)
+    with pytest.raises(ValueError, match="needs the input_ids they embed"):
+        hc_model.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False)
