@@ -362,6 +362,8 @@ class EngramModel(EngramPreTrainedModel):
             raise ValueError(
                 f"input_ids has shape {tuple(input_ids.shape)}; Engram needs a non-empty batch of token ids [B, T]."
             )
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids has dtype {input_ids.dtype}; token ids must be integers (torch.long).")
         if torch.compiler.is_compiling():
             return
         low, high = (int(v) for v in torch.aminmax(input_ids))

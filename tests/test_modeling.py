@@ -155,6 +155,12 @@ def test_empty_sequence_is_a_clear_error():
         tiny_model()(torch.zeros((2, 0), dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_token_ids_of_a_non_integer_dtype_are_a_clear_error(dtype):
+    with pytest.raises(ValueError, match=f"input_ids has dtype {dtype}; token ids must be integers"):
+        tiny_model()(ids().to(dtype))
+
+
 def test_inputs_embeds_alone_is_a_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match="needs input_ids"):
