@@ -94,6 +94,44 @@ class EngramHasher(nn.Module):
             )
         self.token_map_checked = self.token_map_checked or stored
 
+    def resized_token_map(self, vocab_size: int) -> tuple[torch.Tensor, int]:
+        """(token map [vocab_size], compressed vocabulary size) after `resize_token_embeddings(vocab_size)`: kept ids
+        keep their compressed ids, so they hash as before bit for bit; each new id gets a compressed id of its own
+        (V', V' + 1, ...). A ValueError names the way out where that cannot be exact."""
+        rebuild = ("rebuild the token map for the new tokenizer (build_token_map) and start from a config with its "
+                   "engram_compressed_vocab_size")
+        if vocab_size < self.vocab_size:
+            dead = [i for i in self.dead_token_ids if i >= vocab_size]
+            if dead:
+                raise ValueError(f"resizing to {vocab_size} tokens drops dead token ids {dead}; {rebuild}.")
+            token_map = self.token_map[:vocab_size]
+            compressed = int(token_map.max()) + 1
+            if int(torch.unique(token_map).numel()) != compressed:
+                raise ValueError(f"resizing to {vocab_size} tokens leaves compressed ids unused; {rebuild}.")
+            return token_map.clone(), compressed
+        added = vocab_size - self.vocab_size
+        compressed = self.compressed_vocab_size + added
+        limit = torch.iinfo(torch.long).max // compressed  # x' * m must stay below 2**63 (see the class docstring)
+        too_large = [m for ms in self.multipliers.values() for m in ms if m > limit]
+        if too_large:
+            raise ValueError(
+                f"resizing to {vocab_size} tokens gives {compressed} compressed ids, and multiplier {max(too_large)} "
+                f"times the largest would overflow int64 (the limit is {limit}); {rebuild}."
+            )
+        unset = bool((self.token_map == -1).all())
+        new_ids = torch.arange(self.compressed_vocab_size, compressed, dtype=torch.long, device=self.token_map.device)
+        return torch.cat([self.token_map, new_ids.fill_(-1) if unset else new_ids]), compressed
+
+    @torch.no_grad()
+    def resize(self, vocab_size: int) -> int:
+        """Follow the token embedding to `vocab_size` ids (`resized_token_map`); returns the new compressed size."""
+        token_map, compressed = self.resized_token_map(vocab_size)
+        self.vocab_size, self.compressed_vocab_size = vocab_size, compressed
+        self.token_map = nn.Buffer(token_map)
+        self.dead_tokens = nn.Buffer(self.default_dead_tokens().to(self.token_map.device), persistent=False)
+        self.token_map_checked = False
+        return compressed
+
     def compress(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
         """Compressed ids [B, T]; dead tokens give `DEAD`, positions where `attention_mask` is 0 the compressed pad id."""
         compressed = self.token_map[input_ids]

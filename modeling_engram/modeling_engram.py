@@ -198,6 +198,19 @@ class EngramPreTrainedModel(PreTrainedModel):
     def _can_set_experts_implementation(cls) -> bool:
         return True  # the experts class lives in moe.py, where transformers' source heuristic does not look
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize, followed by the hasher: kept ids hash as before, new ids get compressed ids of their
+        own (`EngramHasher.resized_token_map`, checked before anything is resized)."""
+        hasher = self.base_model.hasher
+        size = hasher.vocab_size if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        hasher.resized_token_map(size)  # raises before the embeddings change
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.config.engram_compressed_vocab_size = hasher.resize(embeddings.num_embeddings)
+        self.base_model.vocab_size = embeddings.num_embeddings
+        return embeddings
+
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, EngramTable):  # an nn.Embedding: initialised here alone, so its rows are drawn once

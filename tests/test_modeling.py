@@ -218,3 +218,48 @@ def test_checkpoint_whose_table_shapes_disagree_refuses_to_load(tmp_path, caplog
         AutoModelForCausalLM.from_pretrained(tmp_path)
     assert "model.layers.2.engram.table.weight | MISMATCH" in caplog.text
     assert "ckpt: torch.Size([217, 8]) vs model:torch.Size([220, 8])" in caplog.text
+
+
+def hashes_equal(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backbone", ["hc1", "hc4-v41"])
+def test_resized_models_hash_kept_ids_bit_for_bit_give_new_ids_their_own_and_reload(tmp_path, backbone):
+    model = tiny_model(engram_compressed_vocab_size=60, **BACKBONES[backbone])
+    model.set_token_map(torch.arange(97) % 60)
+    batch, short = ids(), ids().clamp_max(89)
+    hashes, short_hashes, logits = model.model.hasher(batch, None), model.model.hasher(short, None), model(batch).logits
+    embeddings = model.resize_token_embeddings(101)
+    assert embeddings.num_embeddings == 101 and model.config.vocab_size == 101
+    assert model.config.engram_compressed_vocab_size == 64
+    assert model.model.hasher.token_map[97:].tolist() == [60, 61, 62, 63]
+    assert hashes_equal(model.model.hasher(batch, None), hashes)
+    torch.testing.assert_close(model(batch).logits[..., :97], logits, atol=1e-6, rtol=0)
+    with_new = batch.clone()
+    with_new[:, -2:] = torch.tensor([97, 100])
+    expected = model(with_new).logits
+    model.save_pretrained(tmp_path)
+    reloaded = EngramForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.equal(reloaded(with_new).logits, expected)
+    model.resize_token_embeddings(90)  # kept ids 0-89 still use every compressed id (n % 60)
+    assert model.config.engram_compressed_vocab_size == 60 and model.model.hasher.token_map.shape == (90,)
+    assert hashes_equal(model.model.hasher(short, None), short_hashes)
+
+
+def test_a_resize_that_cannot_hash_exactly_is_refused_before_anything_changes():
+    model = tiny_model(engram_compressed_vocab_size=60)
+    model.set_token_map(torch.arange(97) % 60)
+    limit = torch.iinfo(torch.long).max // 60
+    model.model.hasher.multipliers[0][0] = limit - (limit % 2 == 0)  # the largest odd multiplier V' = 60 allows
+    with pytest.raises(ValueError, match="would overflow int64.*rebuild the token map"):
+        model.resize_token_embeddings(98)
+    assert model.get_input_embeddings().num_embeddings == 97 and model.config.vocab_size == 97
+    with pytest.raises(ValueError, match=r"drops dead token ids \[12\]"):
+        tiny_model(engram_dead_token_ids=[5, 12]).resize_token_embeddings(12)
+    gaps = tiny_model(engram_compressed_vocab_size=60)  # ids 0-19 map to compressed 0-9 and 20-29
+    order = torch.cat([torch.arange(10), torch.arange(20, 30), torch.arange(10, 20), torch.arange(30, 60)])
+    gaps.set_token_map(torch.cat([order, torch.arange(37)]))
+    with pytest.raises(ValueError, match="leaves compressed ids unused"):
+        gaps.resize_token_embeddings(20)
