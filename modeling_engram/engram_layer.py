@@ -74,22 +74,28 @@ def normed_gate(
     return torch.sigmoid(scores.abs().clamp_min(1e-6).sqrt() * scores.sign())
 
 
-def causal_depthwise_conv(inputs: torch.Tensor, taps: torch.Tensor, length: int, dilation: int) -> torch.Tensor:
+def causal_depthwise_conv(
+    inputs: torch.Tensor, taps: torch.Tensor, length: int, dilation: int, doc_positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal depthwise Conv1D as K shifted multiply-adds over channels-last inputs (no transposes, no padding copy):
     y[t] = sum_k taps[k] * x[t - (K - 1 - k) * dilation], positions before `inputs` reading zeros.
 
     `inputs` [B, P + T, C]: P positions of left context (cache state, 0 <= P) then the T = `length` new ones;
-    `taps` [K, C] (`Conv1d.weight[:, 0].T`). Returns [B, T, C] in the taps' dtype (fp32 taps accumulate in fp32).
+    `taps` [K, C] (`Conv1d.weight[:, 0].T`). `doc_positions` [B, T] (packed sequences): each position's index inside
+    its document; a tap reaching further back than that reads zero, as before a sequence's start. Returns [B, T, C]
+    in the taps' dtype (fp32 taps accumulate in fp32).
     """
     context = inputs.shape[1] - length
     kernel = taps.shape[0]
     outputs = inputs[:, context:] * taps[kernel - 1]
     for k in range(kernel - 1):
-        start = context - (kernel - 1 - k) * dilation
+        shift = (kernel - 1 - k) * dilation
+        start = context - shift
+        tap = taps[k] if doc_positions is None else taps[k] * (doc_positions >= shift).unsqueeze(-1).to(taps.dtype)
         if start >= 0:
-            outputs.addcmul_(inputs[:, start : start + length], taps[k])
+            outputs.addcmul_(inputs[:, start : start + length], tap)
         elif start + length > 0:
-            outputs[:, -start:].addcmul_(inputs[:, : start + length], taps[k])
+            outputs[:, -start:].addcmul_(inputs[:, : start + length], tap if doc_positions is None else tap[:, -start:])
     return outputs
 
 
@@ -130,14 +136,16 @@ class EngramShortConv(nn.Module):
         self.state_len = (config.engram_kernel_size - 1) * self.dilation
         self.weight = nn.Parameter(torch.zeros(channels, 1, config.engram_kernel_size))  # depthwise [C, 1, K]
 
-    def forward(self, hidden_states: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """hidden_states [B, T, C] -> [B, T, C]."""
+    def forward(
+        self, hidden_states: torch.Tensor, cache: Cache | None = None, doc_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """hidden_states [B, T, C] -> [B, T, C]; `doc_positions` [B, T]: see `causal_depthwise_conv`."""
         length = hidden_states.shape[1]
         weight = self.weight[:, 0]  # [C, K]
         if weight.dtype in (torch.float16, torch.bfloat16):
             weight = weight.float()  # accumulate in fp32
         if cache is None:
-            outputs = causal_depthwise_conv(hidden_states, weight.t().contiguous(), length, self.dilation)
+            outputs = causal_depthwise_conv(hidden_states, weight.t().contiguous(), length, self.dilation, doc_positions)
         else:
             inputs = cache.update_conv_state(  # [B, C, P + T]: transformers keeps time last
                 hidden_states.transpose(1, 2), self.layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.state_len
@@ -255,6 +263,7 @@ class EngramLayer(nn.Module):
         cache: Cache | None,
         mask: torch.Tensor | None,
         live: torch.Tensor | None = None,
+        doc_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """U + SiLU(Conv(RMSNorm(U) * mask)) for query/key [B, T, M, D], value [B, T, D], mask [B, T, 1, 1] or None
         (U alone without a short conv); alpha is 0 where `live` [B, T, 1, 1] is.
@@ -282,7 +291,7 @@ class EngramLayer(nn.Module):
         conv_inputs = torch.mul(value, scale, out=key if inference else None)
         weight = conv_norm.weight
         conv_inputs = conv_inputs.mul_(weight) if inference else conv_inputs * weight  # = conv_norm(U) * mask
-        outputs = self.short_conv(conv_inputs.flatten(-2), cache).unflatten(-1, key.shape[-2:])
+        outputs = self.short_conv(conv_inputs.flatten(-2), cache, doc_positions).unflatten(-1, key.shape[-2:])
         return outputs.addcmul_(alpha, value)  # the conv's own output: in place is safe
 
     def forward(
@@ -293,24 +302,27 @@ class EngramLayer(nn.Module):
         token_mask: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
         live_mask: torch.Tensor | None = None,
+        doc_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`rows` [B, T, d_mem]: memory rows fetched ahead (prefetch); gathered here from `hash_ids` otherwise.
         `token_mask` [B, T]: padding positions (0) feed zeros to the conv, as positions before the start do.
-        `live_mask` [B, T]: False at dead tokens (`engram_dead_token_ids`), where the gate is 0."""
+        `live_mask` [B, T]: False at dead tokens (`engram_dead_token_ids`), where the gate is 0.
+        `doc_positions` [B, T]: packed documents; the conv reads nothing of the document before."""
         branches = (self.hc_mult, self.hidden_size)
         value, keys = self.kv_proj(self.table(hash_ids) if rows is None else rows)
         query, key = hidden_states.unflatten(-1, branches), keys.unflatten(-1, branches)
         live = None if live_mask is None else live_mask[..., None, None].to(torch.float32)  # [B, T, 1, 1]
         if self._can_factor() and not use_triton(self.kernel, query, key, value):
             mask = None if token_mask is None else token_mask[..., None, None].to(value.dtype)  # [B, T, 1, 1]
-            return self.factored(query, key, value, cache, mask, live).flatten(-2)
+            return self.factored(query, key, value, cache, mask, live, doc_positions).flatten(-2)
         values = self.gated_values(query, key, value, live)
         if self.short_conv is None:
             return values.flatten(-2)
         conv_inputs = self.conv_norm(values)
         if token_mask is not None:
             conv_inputs = conv_inputs * token_mask[..., None, None].to(conv_inputs.dtype)
-        return (values + self.short_conv(conv_inputs.flatten(-2), cache).unflatten(-1, branches)).flatten(-2)
+        conv = self.short_conv(conv_inputs.flatten(-2), cache, doc_positions)
+        return (values + conv.unflatten(-1, branches)).flatten(-2)
 
 
 __all__ = [

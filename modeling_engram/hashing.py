@@ -145,13 +145,17 @@ class EngramHasher(nn.Module):
         """The compressed ids read before a sequence starts: [B, max_ngram_size - 1] pad ids."""
         return self.token_map[self.pad_id].expand(input_ids.shape[0], self.max_ngram_size - 1)
 
-    def hash_tokens(self, tokens: torch.LongTensor) -> dict[int, torch.LongTensor]:
+    def hash_tokens(
+        self, tokens: torch.LongTensor, doc_positions: torch.LongTensor | None = None
+    ) -> dict[int, torch.LongTensor]:
         """Hash ids of compressed ids `tokens` [B, N-1+T] whose first N-1 entries are the history before them.
 
+        `doc_positions` [B, T] (packed sequences): each token's index inside its own document; x'_{t-k} reads the pad
+        id where k exceeds it, so no n-gram reaches into the previous document.
         Returns `{layer_id: LongTensor[B, T, (N-1) * H]}`: each head's row inside its own table, order 2 first.
         """
         n = self.max_ngram_size
-        if use_triton(self.kernel, tokens, self.token_map):
+        if doc_positions is None and use_triton(self.kernel, tokens, self.token_map):
             hash_ids = load_kernels().ngram_hash(
                 tokens[:, n - 1 :], self.token_map, self.multiplier_tensor, self.table_size_tensor,
                 pad_id=self.pad_id, history=tokens[:, : n - 1], compressed=True, dead=self._dead_for_kernel(),
@@ -162,6 +166,9 @@ class EngramHasher(nn.Module):
         if self.dead_token_ids:  # x'_{t-k} reads the pad id when any of x_{t-k} .. x_t is dead
             cut = (windows == DEAD).flip(-1).to(torch.uint8).cummax(-1).values.flip(-1).bool()
             windows = torch.where(cut, self.token_map[self.pad_id], windows)
+        if doc_positions is not None:  # windows[..., j] reads k = N-1-j tokens back
+            back = torch.arange(n - 1, -1, -1, device=windows.device)
+            windows = torch.where(back > doc_positions.unsqueeze(-1), self.token_map[self.pad_id], windows)
         # products[..., j] = x'_{t-k} * m_k with k = N-1-j: [L, B, T, N]
         products = windows.unsqueeze(0) * self.multiplier_tensor.flip(-1).view(layers, 1, 1, n)
         mix = products[..., n - 1]
@@ -174,17 +181,21 @@ class EngramHasher(nn.Module):
         return dict(zip(self.layer_ids, hash_ids.unbind(0)))
 
     def forward(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        doc_positions: torch.LongTensor | None = None,
     ) -> dict[int, torch.LongTensor]:
-        """Hash ids of fresh sequences `input_ids` [B, T]: `{layer_id: LongTensor[B, T, (N-1) * H]}`."""
-        if use_triton(self.kernel, input_ids, self.token_map):  # token map, mask and hash in one launch
+        """Hash ids of fresh sequences `input_ids` [B, T]: `{layer_id: LongTensor[B, T, (N-1) * H]}`. Packed
+        documents (`doc_positions`, see `hash_tokens`) take the torch path: the kernel has no document boundaries."""
+        if doc_positions is None and use_triton(self.kernel, input_ids, self.token_map):  # map, mask, hash: 1 launch
             hash_ids = load_kernels().ngram_hash(
                 input_ids, self.token_map, self.multiplier_tensor, self.table_size_tensor,
                 pad_id=self.pad_id, token_mask=attention_mask, dead=self._dead_for_kernel(),
             )
             return dict(zip(self.layer_ids, hash_ids.unbind(0)))
         compressed = self.compress(input_ids, attention_mask)
-        return self.hash_tokens(torch.cat([self.start_history(input_ids), compressed], dim=1))
+        return self.hash_tokens(torch.cat([self.start_history(input_ids), compressed], dim=1), doc_positions)
 
     def _dead_for_kernel(self) -> torch.Tensor | None:
         return self.dead_tokens if self.dead_token_ids else None

@@ -149,6 +149,7 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
         engram_token_mask: torch.Tensor | None = None,
         engram_live_mask: torch.Tensor | None = None,
         engram_rows: dict[int, RowFetch] | None = None,
+        engram_doc_positions: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         if self.engram is not None:
@@ -160,6 +161,7 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
                 token_mask=engram_token_mask,
                 live_mask=engram_live_mask,
                 rows=fetched.wait() if fetched is not None else None,
+                doc_positions=engram_doc_positions,
             )
         layer_input, post, res = self.attn_hc(hidden_states)
         attn_output, _ = self.self_attn(
@@ -389,14 +391,44 @@ class EngramModel(EngramPreTrainedModel):
         if not self.hasher.token_map_checked:
             self.hasher.check_token_map()
 
+    @staticmethod
+    def document_positions(
+        input_ids: torch.LongTensor, position_ids: torch.LongTensor | None, cu_seq_lens: torch.Tensor | None
+    ) -> torch.LongTensor | None:
+        """[B, T] index of every token inside its document, for sequences packed without padding (transformers'
+        `DataCollatorWithFlattening`): from `cu_seq_lens_q` (document starts of a [1, T] row) when given, else from the
+        caller's `position_ids`, which such collators restart at 0 at every document. None for neither."""
+        if cu_seq_lens is not None:
+            if input_ids.shape[0] != 1 or int(cu_seq_lens[-1]) != input_ids.shape[1]:
+                raise ValueError(
+                    f"cu_seq_lens_q ends at {int(cu_seq_lens[-1])}, but packed input_ids must be one row of that "
+                    f"length; they have shape {tuple(input_ids.shape)}."
+                )
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            starts = cu_seq_lens[:-1].to(device=input_ids.device, dtype=torch.long)
+            document = torch.searchsorted(starts, positions, right=True) - 1
+            return (positions - starts[document]).unsqueeze(0)
+        if position_ids is None:
+            return None
+        return position_ids.expand(input_ids.shape[0], -1)
+
+    @staticmethod
+    def restarts(doc_positions: torch.LongTensor) -> bool:
+        """Whether a row holds more than one document (its positions restart somewhere)."""
+        return bool((doc_positions[:, 1:] != doc_positions[:, :-1] + 1).any())
+
     def engram_hash_ids(
-        self, input_ids: torch.LongTensor, token_mask: torch.Tensor | None, cache: Cache | None
+        self,
+        input_ids: torch.LongTensor,
+        token_mask: torch.Tensor | None,
+        cache: Cache | None,
+        doc_positions: torch.LongTensor | None = None,
     ) -> dict[int, torch.LongTensor]:
         """Hash ids of the new tokens for every Engram layer; the cache carries the last N-1 compressed ids."""
         if not self.config.engram_layer_ids:  # a baseline backbone without Engram (e.g. a pure MoE, rho = 1)
             return {}
         if cache is None:  # fresh sequences: token map, mask and hash in one kernel launch when Triton runs
-            return self.hasher(input_ids, token_mask)
+            return self.hasher(input_ids, token_mask, doc_positions)
         compressed = self.hasher.compress(input_ids, token_mask)
         history = self.config.max_ngram_size - 1
         layer_ids = self.config.engram_layer_ids
@@ -442,6 +474,15 @@ class EngramModel(EngramPreTrainedModel):
         self.check_input_ids(input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        doc_positions = None
+        if cache is None:  # packed documents (padding-free collators): n-grams and conv stop at their boundaries
+            doc_positions = self.document_positions(input_ids, position_ids, kwargs.get("cu_seq_lens_q"))
+            if position_ids is None:
+                position_ids = doc_positions
+            # No fresh cache in training or for a packed row: nothing continues from it, and transformers' masks see
+            # packed rows (restarting position_ids) only without one.
+            if use_cache and (self.training or (doc_positions is not None and self.restarts(doc_positions))):
+                use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -457,7 +498,7 @@ class EngramModel(EngramPreTrainedModel):
         token_mask = None
         if attention_mask is not None and attention_mask.ndim == 2:
             token_mask = attention_mask[:, -input_ids.shape[1] :]
-        hash_ids = self.engram_hash_ids(input_ids, token_mask, cache)
+        hash_ids = self.engram_hash_ids(input_ids, token_mask, cache, doc_positions)
         rows = self.prefetch_rows(hash_ids)
 
         hidden_states = inputs_embeds.repeat(1, 1, self.config.hc_mult)  # M copies of the embedding
@@ -474,6 +515,7 @@ class EngramModel(EngramPreTrainedModel):
                 engram_token_mask=token_mask,
                 engram_live_mask=self.hasher.live_mask(input_ids),
                 engram_rows=rows,
+                engram_doc_positions=doc_positions,
                 **kwargs,
             )
         if self.hc_head is not None:
