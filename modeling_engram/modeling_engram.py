@@ -468,6 +468,9 @@ class EngramModel(EngramPreTrainedModel):
             embedding lookup.
         attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
             Padding positions (0) read the Engram pad id and feed zeros to the short conv.
+        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Without a cache, each token's index inside its document: padding-free packing restarts them at 0, and no
+            n-gram or short-conv tap reaches back past that (`cu_seq_lens_q`, when given, states the same).
         """
         if input_ids is None:
             raise ValueError("EngramModel needs input_ids: Engram hashes token ids (inputs_embeds alone is not enough).")
