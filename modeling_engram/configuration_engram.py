@@ -85,13 +85,19 @@ def engram_table_sizes(
     return sizes
 
 
+def multiplier_limit(compressed_vocab_size: int) -> int:
+    """The largest multiplier m with x' * m below 2**63 for every compressed id x' < V': the hash's int64 mix then
+    stays non-negative, so torch's, Triton's and numpy's `%` agree."""
+    return INT64_MAX // compressed_vocab_size
+
+
 def engram_multipliers(
     engram_layer_ids: list[int], max_ngram_size: int, compressed_vocab_size: int, seed: int
 ) -> list[list[int]]:
     """Odd multipliers m_k = 2 r_k + 1 per layer, r from numpy's PCG64 seeded with seed + 10007 * layer_id."""
     import numpy as np
 
-    half_bound = max(1, (INT64_MAX // compressed_vocab_size) // 2)
+    half_bound = max(1, multiplier_limit(compressed_vocab_size) // 2)
     multipliers = []
     for layer_id in engram_layer_ids:
         rng = np.random.default_rng(int(seed + LAYER_SEED_PRIME * int(layer_id)))
@@ -382,8 +388,7 @@ class EngramConfig(PreTrainedConfig):
                 f"EngramConfig: engram_multipliers has shape {shape}, expected {expected} "
                 "(one multiplier per n-gram position for every Engram layer)."
             )
-        # x' * m must not overflow int64 for every compressed id x' < V', so that the XOR mix stays non-negative.
-        limit = INT64_MAX // self.engram_compressed_vocab_size
+        limit = multiplier_limit(self.engram_compressed_vocab_size)
         for layer_multipliers in self.engram_multipliers:
             for m in layer_multipliers:
                 if not (m > 0 and m % 2 == 1 and m <= limit):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .configuration_engram import EngramConfig
+from .configuration_engram import EngramConfig, multiplier_limit
 from .kernel_dispatch import checked_preference, load_kernels, use_triton
 
 DEAD = -1  # compressed id of a dead token (engram_dead_token_ids), in the hashed sequence and the cache's history
@@ -111,7 +111,7 @@ class EngramHasher(nn.Module):
             return token_map.clone(), compressed
         added = vocab_size - self.vocab_size
         compressed = self.compressed_vocab_size + added
-        limit = torch.iinfo(torch.long).max // compressed  # x' * m must stay below 2**63 (see the class docstring)
+        limit = multiplier_limit(compressed)
         too_large = [m for ms in self.multipliers.values() for m in ms if m > limit]
         if too_large:
             raise ValueError(
