@@ -120,7 +120,9 @@ class EngramAttention(LlamaAttention):
 class EngramDecoderLayer(GradientCheckpointingLayer):
     """h += Engram(h) (Engram layers only, per branch), then attention and FFN, each inside its residual.
 
-    The stream holds `hc_mult` branches, [B, T, hc_mult * hidden]. With hc_mult > 1 each sublayer sits in an mHC
+    The stream holds `hc_mult` branches: it enters and leaves as [B, T, hc_mult, hidden] (transformers' in-tree
+    DeepSeek-V4 convention, so recorded hidden states match it), or [B, T, hidden] when hc_mult == 1, and runs inside
+    as [B, T, hc_mult * hidden]. With hc_mult > 1 each sublayer sits in an mHC
     hyper-connection (`attn_hc`, `mlp_hc`: pre-mix M -> 1, post-distribution 1 -> M, doubly stochastic residual
     mixing M x M); with hc_mult == 1 they are plain residuals, and the layer is Llama's pre-norm decoder layer.
     The FFN is Llama's dense MLP, or DeepSeekMoE (`config.is_moe_layer`).
@@ -152,6 +154,7 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
         engram_doc_positions: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        streams, hidden_states = hidden_states, hidden_states.flatten(2)
         if self.engram is not None:
             fetched = engram_rows.get(self.layer_idx) if engram_rows else None
             hidden_states = hidden_states + self.engram(
@@ -180,7 +183,7 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
             mlp_output = self.mlp(layer_input, token_mask=engram_token_mask)
         else:
             mlp_output = self.mlp(layer_input)
-        return self.mlp_hc.add(hidden_states, mlp_output, post, res)
+        return self.mlp_hc.add(hidden_states, mlp_output, post, res).view_as(streams)
 
 
 class EngramPreTrainedModel(PreTrainedModel):
@@ -198,7 +201,22 @@ class EngramPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
-        return True  # the experts class lives in moe.py, where transformers' source heuristic does not look
+        # transformers asks the class, by searching its module's source for the experts decorator, which lives in
+        # moe.py here. Whether a model has experts depends on its config: the check below refuses them for a dense one.
+        return True
+
+    def _check_and_adjust_experts_implementation(self, experts_implementation: str | None) -> str:
+        # Private transformers hook (tests/test_private_api.py checks its signature): the one every path that sets an
+        # experts implementation (__init__, from_pretrained, set_experts_implementation) goes through.
+        if not any(self.config.is_moe_layer(i) for i in range(self.config.num_hidden_layers)):
+            if experts_implementation not in (None, "eager"):
+                raise ValueError(
+                    f"{type(self).__name__} has no experts (n_routed_experts={self.config.n_routed_experts}, "
+                    f"first_k_dense_replace={self.config.first_k_dense_replace}), so experts_implementation="
+                    f"{experts_implementation!r} does not apply."
+                )
+            return "eager"
+        return super()._check_and_adjust_experts_implementation(experts_implementation)
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
         """transformers' resize, followed by the hasher: kept ids hash as before, new ids get compressed ids of their
@@ -504,7 +522,9 @@ class EngramModel(EngramPreTrainedModel):
         hash_ids = self.engram_hash_ids(input_ids, token_mask, cache, doc_positions)
         rows = self.prefetch_rows(hash_ids)
 
-        hidden_states = inputs_embeds.repeat(1, 1, self.config.hc_mult)  # M copies of the embedding
+        hidden_states = inputs_embeds
+        if self.config.hc_mult > 1:  # M copies of the embedding, [B, T, M, hidden]
+            hidden_states = inputs_embeds.unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             hidden_states = decoder_layer(
@@ -522,7 +542,7 @@ class EngramModel(EngramPreTrainedModel):
                 **kwargs,
             )
         if self.hc_head is not None:
-            hidden_states = self.hc_head(hidden_states)
+            hidden_states = self.hc_head(hidden_states.flatten(2))
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 

@@ -141,9 +141,22 @@ def test_hyper_connection_with_dynamic_mixing_changes_the_output():
 
 def test_branches_differ_through_per_branch_engram_gates():
     model = tiny_model(hc_mult=4)
-    streams = model.model(ids(), output_hidden_states=True).hidden_states[1]  # after layer 0 (Engram)
-    branches = streams.unflatten(-1, (4, 32))
+    branches = model.model(ids(), output_hidden_states=True).hidden_states[1]  # after layer 0 (Engram), [B, T, 4, D]
     assert (branches[..., 0, :] - branches[..., 1, :]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("hc_mult", [1, 4])
+def test_hidden_states_follow_transformers_deepseek_v4_convention(hc_mult):
+    """Each layer's input is [B, T, hc_mult, hidden] with mHC (as transformers' in-tree DeepSeek-V4 records it), or
+    [B, T, hidden] without; the last entry is the normed output, [B, T, hidden]."""
+    model = tiny_model(hc_mult=hc_mult)
+    batch = ids()
+    out = model.model(batch, output_hidden_states=True)
+    streams = (*batch.shape, hc_mult, 32) if hc_mult > 1 else (*batch.shape, 32)
+    assert [tuple(h.shape) for h in out.hidden_states] == [streams] * 3 + [(*batch.shape, 32)]
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+    embeds = model.model.embed_tokens(batch)
+    assert torch.equal(out.hidden_states[0], embeds.unsqueeze(2).expand(streams) if hc_mult > 1 else embeds)
 
 
 def test_every_hyper_connection_parameter_gets_a_gradient():

@@ -166,6 +166,24 @@ def test_model_logits_do_not_depend_on_the_experts_implementation():
     torch.testing.assert_close(logits["batched_mm"], logits["eager"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dense", [dict(), dict(TINY_MOE, first_k_dense_replace=3)], ids=["no-experts", "all-dense"])
+def test_a_dense_model_refuses_an_experts_implementation_by_name(dense, tmp_path):
+    model = tiny_model(**dense)
+    assert model.config._experts_implementation == "eager"
+    for implementation in ("grouped_mm", "batched_mm"):
+        with pytest.raises(ValueError, match=r"has no experts \(n_routed_experts=.*does not apply"):
+            model.set_experts_implementation(implementation)
+    model.set_experts_implementation("eager")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no experts"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="grouped_mm")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._experts_implementation == "eager"
+
+
+def test_an_moe_model_takes_grouped_mm_by_default():
+    assert tiny_model(**TINY_MOE).config._experts_implementation == "grouped_mm"
+
+
 def test_shared_experts_are_one_mlp_of_n_shared_widths():
     moe = tiny_model(**{**TINY_MOE, "n_shared_experts": 3}).model.layers[1].mlp
     assert moe.shared_experts.gate_proj.weight.shape == (3 * 16, 32)
