@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -35,7 +35,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_engram import EngramConfig
 from .engram_layer import TOKEN_STATE, EngramKeyValue, EngramLayer, EngramShortConv
@@ -195,7 +195,9 @@ class EngramPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_record_outputs = {"hidden_states": EngramDecoderLayer, "attentions": EngramAttention}
+    # Router logits as transformers' DeepSeek-V3 records them (None for a dense model): `output_router_logits=True`.
+    _can_record_outputs = {"hidden_states": EngramDecoderLayer, "attentions": EngramAttention,
+                           "router_logits": OutputRecorder(EngramTopKRouter, index=0)}
     # Host/disk tables are read by `attach_checkpoint_tables`, so transformers must not load (or warn about) them.
     _keys_to_ignore_on_load_unexpected = [r"engram\.table\.weight(_scale)?$"]
 
@@ -410,25 +412,58 @@ class EngramModel(EngramPreTrainedModel):
             self.hasher.check_token_map()
 
     @staticmethod
+    def refuse_swallowed_keywords(kwargs: dict, cache: Cache | None, input_ids: torch.Tensor | None) -> None:
+        """Keywords of transformers 4.x or of encoder-decoders that `**kwargs` would otherwise swallow while the caller
+        means them to change the call. A `cache_position` that states what the cache implies is accepted."""
+        for name, why in (("head_mask", "transformers 5 removed head masking"),
+                          ("encoder_hidden_states", "a decoder-only model has no cross-attention")):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name} is not supported: {why}.")
+        cache_position = kwargs.pop("cache_position", None)
+        if cache_position is not None and input_ids is not None:
+            past = cache.get_seq_length() if cache is not None else 0
+            implied = torch.arange(past, past + input_ids.shape[1], device=cache_position.device)
+            if not torch.equal(cache_position.reshape(-1), implied):
+                raise ValueError(
+                    f"cache_position {cache_position.tolist()} disagrees with the cache, which holds {past} tokens: "
+                    "transformers 5 takes positions from the cache (pass position_ids for other positions)."
+                )
+
+    @staticmethod
     def document_positions(
-        input_ids: torch.LongTensor, position_ids: torch.LongTensor | None, cu_seq_lens: torch.Tensor | None
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor | None,
+        cu_seq_lens: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.LongTensor | None:
         """[B, T] index of every token inside its document, for sequences packed without padding (transformers'
-        `DataCollatorWithFlattening`): from `cu_seq_lens_q` (document starts of a [1, T] row) when given, else from the
-        caller's `position_ids`, which such collators restart at 0 at every document. None for neither."""
+        `DataCollatorWithFlattening`): from `cu_seq_lens_q` (document starts of a [1, T] row) or `seq_idx` (the
+        document number of every token, [B, T]) when given, else from the caller's `position_ids`, which such
+        collators restart at 0 at every document. None for none of them. Given together, they must agree."""
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device)
         if cu_seq_lens is not None:
-            if input_ids.shape[0] != 1 or int(cu_seq_lens[-1]) != input_ids.shape[1]:
+            if batch != 1 or int(cu_seq_lens[-1]) != length:
                 raise ValueError(
                     f"cu_seq_lens_q ends at {int(cu_seq_lens[-1])}, but packed input_ids must be one row of that "
                     f"length; they have shape {tuple(input_ids.shape)}."
                 )
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             starts = cu_seq_lens[:-1].to(device=input_ids.device, dtype=torch.long)
-            document = torch.searchsorted(starts, positions, right=True) - 1
-            return (positions - starts[document]).unsqueeze(0)
-        if position_ids is None:
-            return None
-        return position_ids.expand(input_ids.shape[0], -1)
+            documents = (positions - starts[torch.searchsorted(starts, positions, right=True) - 1]).unsqueeze(0)
+            named = "cu_seq_lens_q"
+        elif seq_idx is not None:
+            if seq_idx.shape != input_ids.shape:
+                raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}; input_ids have {tuple(input_ids.shape)}.")
+            starts = torch.ones_like(seq_idx, dtype=torch.bool)
+            starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+            first = torch.where(starts, positions, 0).cummax(dim=1).values
+            documents = positions - first
+            named = "seq_idx"
+        else:
+            return None if position_ids is None else position_ids.expand(batch, -1)
+        if position_ids is not None and not torch.equal(position_ids.expand(batch, -1), documents):
+            raise ValueError(f"position_ids do not restart where {named} starts a new document.")
+        return documents
 
     @staticmethod
     def restarts(doc_positions: torch.LongTensor) -> bool:
@@ -479,7 +514,7 @@ class EngramModel(EngramPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
+    ) -> MoeModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Token ids; required, because Engram hashes them. `inputs_embeds`, if given, replaces only the token
@@ -490,6 +525,7 @@ class EngramModel(EngramPreTrainedModel):
             Without a cache, each token's index inside its document: padding-free packing restarts them at 0, and no
             n-gram or short-conv tap reaches back past that (`cu_seq_lens_q`, when given, states the same).
         """
+        self.refuse_swallowed_keywords(kwargs, cache, input_ids)
         if input_ids is None:
             raise ValueError("EngramModel needs input_ids: Engram hashes token ids (inputs_embeds alone is not enough).")
         self.check_input_ids(input_ids)
@@ -497,7 +533,8 @@ class EngramModel(EngramPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         doc_positions = None
         if cache is None:  # packed documents (padding-free collators): n-grams and conv stop at their boundaries
-            doc_positions = self.document_positions(input_ids, position_ids, kwargs.get("cu_seq_lens_q"))
+            doc_positions = self.document_positions(
+                input_ids, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("seq_idx"))
             if position_ids is None:
                 position_ids = doc_positions
             # No fresh cache in training or for a packed row: nothing continues from it, and transformers' masks see
@@ -543,7 +580,7 @@ class EngramModel(EngramPreTrainedModel):
             )
         if self.hc_head is not None:
             hidden_states = self.hc_head(hidden_states.flatten(2))
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
 class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
@@ -599,12 +636,12 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> CausalLMOutputWithPast:
+    ) -> MoeCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for the shifted next-token loss; -100 is ignored.
         """
-        outputs: BaseModelOutputWithPast = self.model(
+        outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -618,12 +655,13 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return MoeCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
         )
 
 

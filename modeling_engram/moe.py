@@ -52,15 +52,18 @@ class EngramTopKRouter(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.sigmoid(F.linear(hidden_states.float(), self.weight.float()))
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits [N, E], top-k weights [N, k], expert ids [N, k]); the logits first, as transformers'
+        DeepSeek-V3 router returns them, for `output_router_logits`."""
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        scores = torch.sigmoid(router_logits)
         expert_ids = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(-1, expert_ids)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.training:
             self.count_load(expert_ids, token_mask)
-        return weights * self.routed_scaling_factor, expert_ids
+        return router_logits, weights * self.routed_scaling_factor, expert_ids
 
     @torch.no_grad()
     def count_load(self, expert_ids: torch.Tensor, token_mask: torch.Tensor | None) -> None:
@@ -142,7 +145,7 @@ class EngramMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        weights, expert_ids = self.gate(flat, token_mask)
+        _, weights, expert_ids = self.gate(flat, token_mask)
         output = self.experts(flat, expert_ids, weights).view_as(hidden_states)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)

@@ -88,6 +88,40 @@ def test_labels_give_the_shifted_loss_and_ignore_minus_100():
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_num_items_in_batch_sums_the_loss_over_the_stated_token_count():
+    """Trainer's gradient accumulation passes the token count of all micro-batches; the loss is summed over it."""
+    model, batch = tiny_model(), ids()
+    logits = model(batch).logits[:, :-1].reshape(-1, 97)
+    total = torch.nn.functional.cross_entropy(logits, batch[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(model(batch, labels=batch, num_items_in_batch=torch.tensor(50)).loss, total / 50)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keyword, value, message", [
+    ("head_mask", torch.ones(3, 4), "head_mask is not supported: transformers 5 removed head masking"),
+    ("encoder_hidden_states", torch.zeros(2, 11, 32), "encoder_hidden_states is not supported: a decoder-only"),
+    ("cache_position", torch.arange(1, 12), r"cache_position \[1, .*\] disagrees with the cache, which holds 0"),
+])
+def test_keywords_that_kwargs_would_swallow_are_refused_by_name(keyword, value, message):
+    """Audit of `**kwargs`: each keyword that would change the meaning of a call is honoured (past_key_values,
+    seq_idx, cu_seq_lens_*, output_router_logits, num_items_in_batch: tested where they act) or refused here,
+    in forward and in generate."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model(ids(), **{keyword: value})
+    if keyword != "cache_position":  # generate's own check of unused model_kwargs, or ours
+        with pytest.raises(ValueError, match=keyword):
+            model.generate(ids(), max_new_tokens=2, **{keyword: value})
+
+
+@torch.no_grad()
+def test_a_cache_position_that_states_what_the_cache_implies_is_accepted():
+    model, batch = tiny_model(), ids()
+    out = model(batch[:, :6], cache_position=torch.arange(6), use_cache=True)
+    step = model(batch[:, 6:], cache=out.cache, cache_position=torch.arange(6, 11))
+    torch.testing.assert_close(step.logits, model(batch).logits[:, 6:], atol=1e-5, rtol=0)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("backbone", ["hc1", "hc4-moe"])
 def test_bf16_forward_runs_and_stays_close(backbone):

@@ -113,9 +113,10 @@ def test_bias_steers_the_choice_and_the_scores_weight_it():
     router.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     hidden = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
     router.e_score_correction_bias[5] = 10.0  # chosen for every token
-    weights, expert_ids = router(hidden)
+    router_logits, weights, expert_ids = router(hidden)
     assert (expert_ids == 5).any(-1).all()
-    scores = torch.sigmoid(hidden @ router.weight.T)
+    torch.testing.assert_close(router_logits, hidden @ router.weight.T)
+    scores = torch.sigmoid(router_logits)
     chosen = scores.gather(-1, expert_ids)
     torch.testing.assert_close(weights, 2.5 * chosen / chosen.sum(-1, keepdim=True))
     torch.testing.assert_close(weights.sum(-1), torch.full((64,), 2.5))
@@ -178,6 +179,18 @@ def test_a_dense_model_refuses_an_experts_implementation_by_name(dense, tmp_path
     with pytest.raises(ValueError, match="has no experts"):
         AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="grouped_mm")
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config._experts_implementation == "eager"
+
+
+@torch.no_grad()
+def test_output_router_logits_returns_every_moe_layers_router_logits():
+    model, batch = tiny_model(hc_mult=4, **TINY_MOE), ids()
+    out = model(batch, output_router_logits=True)
+    gates = [layer.mlp.gate for layer in model.model.layers[TINY_MOE["first_k_dense_replace"]:]]
+    flat = batch.numel()
+    assert [tuple(logits.shape) for logits in out.router_logits] == [(flat, 8)] * len(gates)
+    assert out.aux_loss is None  # auxiliary-loss-free balancing
+    assert model(batch).router_logits is None
+    assert tiny_model()(batch, output_router_logits=True).router_logits == ()  # dense: no router
 
 
 def test_an_moe_model_takes_grouped_mm_by_default():

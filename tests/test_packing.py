@@ -1,5 +1,5 @@
 """Padding-free packing (transformers' DataCollatorWithFlattening, TRL's padding_free): documents concatenated into one
-row, their boundaries given as restarting `position_ids`, as `cu_seq_lens_*` keywords, or both. No n-gram and no
+row, their boundaries given as restarting `position_ids`, as `cu_seq_lens_*` keywords, as `seq_idx`, or together. No n-gram and no
 short-conv tap reaches into the previous document, so a packed row equals its documents run one by one."""
 
 import pytest
@@ -23,11 +23,13 @@ def packed(docs: list[torch.Tensor], boundaries: str) -> dict:
         batch["position_ids"] = torch.cat([torch.arange(len(d)) for d in docs]).unsqueeze(0)
     if boundaries in ("cu_seq_lens", "both"):
         batch.update(cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=max(LENGTHS), max_length_k=max(LENGTHS))
+    if boundaries in ("seq_idx", "both"):  # DataCollatorWithFlattening(return_seq_idx=True)
+        batch["seq_idx"] = torch.cat([torch.full((len(d),), i, dtype=torch.int32) for i, d in enumerate(docs)])[None]
     return batch
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("boundaries", ["position_ids", "cu_seq_lens", "both"])
+@pytest.mark.parametrize("boundaries", ["position_ids", "cu_seq_lens", "seq_idx", "both"])
 def test_a_packed_row_equals_its_documents_one_by_one(hc_model, boundaries):
     docs = documents()
     alone = torch.cat([hc_model(doc.unsqueeze(0)).logits for doc in docs], dim=1)
@@ -46,6 +48,14 @@ def test_cu_seq_lens_that_do_not_describe_the_row_are_a_clear_error():
     batch = packed(documents(), "cu_seq_lens")
     batch["cu_seq_lens_q"] = batch["cu_seq_lens_q"][:-1]
     with pytest.raises(ValueError, match="cu_seq_lens_q ends at 17, but packed input_ids must be one row"):
+        tiny_model()(**batch)
+
+
+@pytest.mark.parametrize("boundaries", ["cu_seq_lens", "seq_idx"])
+def test_position_ids_that_disagree_with_the_boundaries_are_a_clear_error(boundaries):
+    batch = packed(documents(), boundaries)
+    batch["position_ids"] = torch.arange(sum(LENGTHS))[None]
+    with pytest.raises(ValueError, match="position_ids do not restart where .* starts a new document"):
         tiny_model()(**batch)
 
 
