@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_engram import EngramConfig, EngramForCausalLM, build_token_map
-from modeling_engram.allocation import allocate, config_with, count_parameters
+from modeling_engram.allocation import allocate, count_parameters
 from modeling_engram.corpus import read_texts, stdlib_files, train_bpe_tokenizer
 from modeling_engram.memory import EngramTable
 
@@ -154,7 +154,7 @@ def main():
           f"{len(tokenizer)} BPE tokens -> {compressed} compressed; each model trains on {tokens:,} tokens")
 
     shapes = backbone(args, tokenizer, compressed)
-    baseline = count_parameters(config_with(shapes, engram_layer_ids=[]))
+    baseline = count_parameters(shapes.with_changes(engram_layer_ids=[]))
     print(f"budget: P_tot {baseline.total_without_embeddings:,}, P_act {baseline.activated:,}, "
           f"P_sparse {baseline.sparse:,} (without the {baseline.embeddings:,} embedding and LM head parameters)")
 

@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 
 import modeling_engram
 from modeling_engram import EngramConfig, EngramForCausalLM, build_token_map, create_engram_optimizer
-from modeling_engram.allocation import allocate, config_with, count_parameters, flops_per_token
+from modeling_engram.allocation import allocate, count_parameters, flops_per_token
 from modeling_engram.corpus import read_texts, stdlib_files, train_bpe_tokenizer
 from modeling_engram.data import text_blocks_dataset, texts_blocks_dataset
 from modeling_engram.visualize import gate_heatmap, plot_loss_curves
@@ -88,10 +88,11 @@ def backbone_config(args, tokenizer, compressed: int) -> EngramConfig:
 def compute_matched_twin(config: EngramConfig, seq_len: int) -> EngramConfig:
     """A dense decoder (no experts, no Engram) whose MLP width, a multiple of 8, matches FLOPs per token within 5%."""
     target = flops_per_token(config, seq_len)
-    dense = config_with(config, engram_layer_ids=[], n_routed_experts=0, intermediate_size=8)
-    per_width = (flops_per_token(config_with(dense, intermediate_size=16), seq_len) - flops_per_token(dense, seq_len)) / 8
+    dense = config.with_changes(engram_layer_ids=[], n_routed_experts=0, intermediate_size=8)
+    wider = dense.with_changes(intermediate_size=16)
+    per_width = (flops_per_token(wider, seq_len) - flops_per_token(dense, seq_len)) / 8
     width = max(8, 8 * round((8 + (target - flops_per_token(dense, seq_len)) / per_width) / 8))
-    twin = config_with(dense, intermediate_size=width)
+    twin = dense.with_changes(intermediate_size=width)
     if abs(flops_per_token(twin, seq_len) - target) / target > 0.05:
         raise ValueError("could not match the dense twin's FLOPs per token within 5%")
     return twin
@@ -105,14 +106,14 @@ def model_configs(args, tokenizer, compressed: int) -> dict[str, EngramConfig]:
     MoE's total.
     """
     shapes = backbone_config(args, tokenizer, compressed)
-    moe = config_with(shapes, engram_layer_ids=[])
+    moe = shapes.with_changes(engram_layer_ids=[])
     budget = count_parameters(moe)  # widening the MoE below adds to P_tot and P_act alike: same sparse budget
     allocation = allocate(shapes, budget.total_without_embeddings, budget.activated, args.rho)
     if not allocation.engram_rows_per_head:
         raise ValueError(f"--rho {args.rho} leaves no Engram rows at this size; lower it or add --experts.")
     engram = allocation.apply(shapes)
     extra = count_parameters(engram).activated - budget.activated
-    moe = config_with(moe, intermediate_size=moe.intermediate_size + round(extra / (3 * args.hidden)))
+    moe = moe.with_changes(intermediate_size=moe.intermediate_size + round(extra / (3 * args.hidden)))
     print(f"allocation: MoE {moe.n_routed_experts} routed experts (first FFN {moe.intermediate_size} wide); Engram "
           f"(rho {args.rho}, achieved {allocation.achieved_rho:.3f}) {engram.n_routed_experts} routed experts, "
           f"{allocation.engram_rows_per_head:,} rows per head table (first FFN {engram.intermediate_size} wide)")

@@ -130,16 +130,7 @@ class SparsityAllocation:
             engram = dict(engram_vocab_size=[self.engram_rows_per_head] * (config.max_ngram_size - 1))
         else:
             engram = dict(engram_layer_ids=[])
-        return config_with(config, n_routed_experts=self.n_routed_experts, **engram)
-
-
-def config_with(config: EngramConfig, **changes) -> EngramConfig:
-    """A new config with `changes`, its derived values (hash constants, layer types) derived afresh."""
-    settings = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures", "engram_table_sizes", "engram_multipliers",
-                "layer_types", "number_of_conv_states"):
-        settings.pop(key, None)
-    return EngramConfig(**(settings | changes))
+        return config.with_changes(n_routed_experts=self.n_routed_experts, **engram)
 
 
 def allocate(config: EngramConfig, total_parameters: int, activated_parameters: int, rho: float) -> SparsityAllocation:
@@ -199,7 +190,6 @@ __all__ = [
     "ParameterCount",
     "SparsityAllocation",
     "allocate",
-    "config_with",
     "count_parameters",
     "expert_parameters",
     "flops_per_token",

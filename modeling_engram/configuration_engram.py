@@ -9,12 +9,27 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from transformers.utils import logging
+
 from .row_formats import get_row_format
+
+logger = logging.get_logger(__name__)
 
 INT64_MAX = 2**63 - 1
 ENGRAM_STORAGES = ("device", "host", "disk")
 ENGRAM_KERNELS = ("auto", "triton", "torch")
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
+# How one process runs a model, not what the model is: load-time options (as transformers keeps attn_implementation),
+# checked whenever they are set, kept on the loaded model's config and never written to config.json.
+RUNTIME_OPTIONS = {
+    "engram_storage": (lambda v: v in ENGRAM_STORAGES, f"it must be one of {ENGRAM_STORAGES}"),
+    "engram_prefetch": (lambda v: isinstance(v, bool), "it must be True or False"),
+    "engram_cache_rows": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                          "it must be an int >= 0 (0 disables the hot-row cache)"),
+    "engram_kernel": (lambda v: v in ENGRAM_KERNELS, f"it must be one of {ENGRAM_KERNELS}"),
+}
+# Derived afresh from the other fields when a config is copied with changes (`EngramConfig.with_changes`).
+DERIVED_FIELDS = ("engram_table_sizes", "engram_multipliers", "layer_types", "number_of_conv_states")
 # An Engram layer keeps conv states next to its KV cache: transformers' "hybrid" cache layers (full or sliding).
 ENGRAM_LAYER_TYPES = {"full_attention": "hybrid", "sliding_attention": "hybrid_sliding"}
 LAYER_SEED_PRIME = 10007
@@ -280,6 +295,39 @@ class EngramConfig(PreTrainedConfig):
         self._validate_multipliers()
         super().__post_init__(**kwargs)
 
+    def __setattr__(self, key, value):
+        # Runtime options arrive as constructor fields, as `from_pretrained` keywords (which transformers sets after
+        # construction, past __post_init__) or by assignment: all pass here.
+        if key in RUNTIME_OPTIONS and not RUNTIME_OPTIONS[key][0](value):
+            raise ValueError(f"EngramConfig: {key}={value!r} is invalid; {RUNTIME_OPTIONS[key][1]}.")
+        super().__setattr__(key, value)
+
+    def to_dict(self) -> dict:
+        """transformers' dict (config.json, `to_diff_dict`, the Hub), without the runtime options."""
+        return {k: v for k, v in super().to_dict().items() if k not in RUNTIME_OPTIONS}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' `from_dict`; runtime options stored by older versions are ignored (with a warning): they
+        come from the loading call only, so a model saved from disk does not load from disk elsewhere."""
+        stored = {key: config_dict[key] for key in RUNTIME_OPTIONS if key in config_dict}
+        if stored:
+            logger.warning_once(
+                f"This config.json stores {stored}: runtime options, which are not part of the model any more. They "
+                "are ignored; pass them to from_pretrained instead (e.g. engram_storage='host')."
+            )
+        return super().from_dict({k: v for k, v in config_dict.items() if k not in RUNTIME_OPTIONS}, **kwargs)
+
+    def with_changes(self, **changes) -> "EngramConfig":
+        """A new config with `changes`: derived values (hash constants, cache layer types) derived afresh, the
+        attention pattern and runtime options kept unless changed."""
+        settings = {k: v for k, v in self.to_dict().items()
+                    if k not in (*DERIVED_FIELDS, "model_type", "transformers_version", "architectures")}
+        settings |= {key: getattr(self, key) for key in RUNTIME_OPTIONS}
+        if not {"num_hidden_layers", "sliding_window"} & changes.keys():
+            settings["layer_types"] = self._attention_types()
+        return EngramConfig(**(settings | changes))
+
     def _validate_engram(self):
         def fail(name, value, allowed):
             raise ValueError(f"EngramConfig: {name}={value!r} is invalid; {allowed}.")
@@ -311,12 +359,6 @@ class EngramConfig(PreTrainedConfig):
         if not 1 <= self.engram_compressed_vocab_size <= self.vocab_size:
             fail("engram_compressed_vocab_size", self.engram_compressed_vocab_size,
                  f"it must lie in [1, vocab_size={self.vocab_size}]")
-        if self.engram_storage not in ENGRAM_STORAGES:
-            fail("engram_storage", self.engram_storage, f"it must be one of {ENGRAM_STORAGES}")
-        if self.engram_kernel not in ENGRAM_KERNELS:
-            fail("engram_kernel", self.engram_kernel, f"it must be one of {ENGRAM_KERNELS}")
-        if self.engram_cache_rows < 0:
-            fail("engram_cache_rows", self.engram_cache_rows, "it must be >= 0 (0 disables the hot-row cache)")
         if self.sliding_window is not None and self.sliding_window < 1:
             fail("sliding_window", self.sliding_window, "it must be >= 1, or None for full attention")
         if not 0 <= self.engram_pad_id < self.vocab_size:

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache
 
 from .configuration_engram import EngramConfig
-from .kernel_dispatch import checked_preference, load_kernels, use_triton
+from .kernel_dispatch import load_kernels, use_triton
 from .memory import EngramTable
 
 TOKEN_STATE = 0  # cache conv-state slot of an Engram layer holding the last max_ngram_size - 1 compressed token ids
@@ -227,7 +227,7 @@ class EngramLayer(nn.Module):
         else:
             self.conv_norm = self.short_conv = None
         self.gate = EngramGate()
-        self.kernel = checked_preference(config.engram_kernel)
+        self.kernel = config.engram_kernel
 
     def _can_factor(self) -> bool:
         """Whether the factored formulation may read the norms' weights and modify the conv's output in place."""

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from .configuration_engram import EngramConfig, multiplier_limit
-from .kernel_dispatch import checked_preference, load_kernels, use_triton
+from .kernel_dispatch import load_kernels, use_triton
 
 DEAD = -1  # compressed id of a dead token (engram_dead_token_ids), in the hashed sequence and the cache's history
 
@@ -34,7 +34,7 @@ class EngramHasher(nn.Module):
         self.vocab_size = config.vocab_size
         self.compressed_vocab_size = config.engram_compressed_vocab_size
         self.pad_id = config.engram_pad_id
-        self.kernel = checked_preference(config.engram_kernel)
+        self.kernel = config.engram_kernel
         self.multipliers = {layer_id: list(m) for layer_id, m in zip(self.layer_ids, config.engram_multipliers)}
         self.table_sizes = {layer_id: list(s) for layer_id, s in zip(self.layer_ids, config.engram_table_sizes)}
         self.token_map = nn.Buffer(self.default_token_map())

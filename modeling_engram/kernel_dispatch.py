@@ -25,7 +25,7 @@ def load_kernels():
 
 
 def checked_preference(kernel: str) -> str:
-    """`kernel` if it is a valid engram_kernel value (a `from_pretrained` keyword skips the config's validation)."""
+    """`kernel` if it is a valid engram_kernel value (`force_engram_kernel`, an `EngramTable` built by hand)."""
     if kernel not in ENGRAM_KERNELS:
         raise ValueError(f"engram_kernel={kernel!r} is invalid; it must be one of {ENGRAM_KERNELS}.")
     return kernel
