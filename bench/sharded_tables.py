@@ -10,7 +10,7 @@ Each process trains `--steps` timed steps (after `--warmup`) of forward, backwar
 the lazy Adam step on its own batch of random tokens (every n-gram nearly unique: the exchange's worst case). The
 dense rest is not wrapped in DDP here: its all-reduce is the same with or without sharded tables. Reported per rank
 (the mean over ranks): table and optimizer-state bytes, peak RSS (`ru_maxrss`), median step time, and the bytes
-sent to other ranks per step (`exchange_counter`). Prints a markdown table for docs/benchmarks.md.
+sent to other ranks per step (`count_exchanged_bytes`). Prints a markdown table for docs/benchmarks.md.
 """
 
 import argparse
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import config  # noqa: E402  (the model of the training-step bench)
 
 from modeling_engram import EngramForCausalLM, create_engram_optimizer, table_optimizer_state_bytes  # noqa: E402
-from modeling_engram.table_parallel import clip_grad_norm_, exchange_counter  # noqa: E402
+from modeling_engram.sharded_training import clip_grad_norm_, count_exchanged_bytes  # noqa: E402
 from modeling_engram.training import engram_tables  # noqa: E402
 
 
@@ -46,20 +46,21 @@ def worker(rank, world, sharded, folder, init_file, args, results):
     times, sent = [], []
     for index in range(args.warmup + args.steps):
         batch = torch.randint(1, model.config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
-        exchange_counter.reset()
         if sharded:
             dist.barrier()  # every rank starts the step together: the time includes waiting for the slowest
-        started = time.perf_counter()
-        model(batch, labels=batch).loss.backward()
-        if sharded:
-            clip_grad_norm_(model, 1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with count_exchanged_bytes() as exchanged:
+            started = time.perf_counter()
+            model(batch, labels=batch).loss.backward()
+            if sharded:
+                clip_grad_norm_(model, 1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - started
         if index >= args.warmup:
-            times.append(time.perf_counter() - started)
-            sent.append(exchange_counter.sent_bytes)
+            times.append(elapsed)
+            sent.append(exchanged["sent"])
     state, table = table_optimizer_state_bytes(optimizer, model)
     results[rank] = dict(step=statistics.median(times), sent=statistics.median(sent), table=table, state=state,
                          rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

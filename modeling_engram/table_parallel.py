@@ -10,25 +10,24 @@ table. NCCL and gloo both have `all_to_all_single`: no sparse all-reduce is need
 
 What torch and transformers do not do for such tables, and this file adds at their seams:
 - DDP leaves the shards alone (`_ddp_params_and_buffers_to_ignore`, DDP's own exclusion list);
-- the gradient norm spans all shards (`clip_grad_norm_`: the shards' share is all-reduced, the rest is
-  replicated after DDP's all-reduce);
 - `save_pretrained` writes a standard safetensors checkpoint, each rank streaming its own rows into one table file
   (`save_table_shards`), and loading reads only each rank's rows (`memory.attach_checkpoint_tables` slices the
   memory map);
 - every rank checks at setup that all ranks hold the same Engram config (`check_same_engram_config`).
+
+This file is exported with a model (`trust_remote_code`), so it holds what loading, running and saving need.
+Training across ranks (the global gradient norm, resuming, the stale-optimizer check) is in `sharded_training.py`.
 """
 
 import hashlib
 import json
 import os
-import weakref
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .memory import SAFETENSORS_NAMES, CheckpointTables, EngramTable, safetensors_index
+from .memory import SAFETENSORS_NAMES, EngramTable, safetensors_index
 
 TABLE_FILE = "model-engram-tables.safetensors"
 BACKBONE_FILE = "model-backbone.safetensors"
@@ -40,19 +39,6 @@ DIGEST_FIELDS = (
     "engram_compressed_vocab_size", "engram_multipliers", "engram_table_sizes", "engram_row_format",
     "engram_dead_token_ids",
 )
-
-
-class ExchangeCounter:
-    """Bytes this process has sent to other ranks through the table exchanges (counts, ids, rows, row gradients)."""
-
-    def __init__(self):
-        self.sent_bytes = 0
-
-    def reset(self) -> None:
-        self.sent_bytes = 0
-
-
-exchange_counter = ExchangeCounter()
 
 
 def row_blocks(rows: int, world_size: int) -> list[int]:
@@ -77,8 +63,6 @@ def _exchange(tensor: torch.Tensor, send_counts: list[int], receive_counts: list
     """`all_to_all_single` of the rows of `tensor` [sum(send_counts), ...] -> [sum(receive_counts), ...]."""
     out = tensor.new_empty((sum(receive_counts), *tensor.shape[1:]))
     dist.all_to_all_single(out, tensor.contiguous(), receive_counts, send_counts, group=group)
-    to_others = sum(send_counts) - send_counts[dist.get_rank(group)]
-    exchange_counter.sent_bytes += to_others * tensor[:1].numel() * tensor.element_size()
     return out
 
 
@@ -92,7 +76,6 @@ class _OwnerLookup(torch.autograd.Function):
         send_counts = torch.bincount(owners, minlength=world)
         receive_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(receive_counts, send_counts, group=group)
-        exchange_counter.sent_bytes += (world - 1) * send_counts.element_size()
         send_counts, receive_counts = send_counts.tolist(), receive_counts.tolist()
         requested = _exchange(ids, send_counts, receive_counts, group)  # ids other ranks ask this rank for
         local = (requested - starts[dist.get_rank(group)]).to(shard.device)
@@ -187,26 +170,6 @@ def check_same_engram_config(model: nn.Module, group=None) -> None:
             )
 
 
-_stale_checked = weakref.WeakSet()
-
-
-def _refuse_stale_tables(optimizer, args, kwargs) -> None:
-    """Global optimizer step pre-hook: an optimizer built before sharding holds the whole tables, now emptied."""
-    if optimizer in _stale_checked:
-        return
-    for group in optimizer.param_groups:
-        if any(getattr(param, "_engram_sharded_away", False) for param in group["params"]):
-            raise ValueError(
-                "this optimizer was built before shard_engram_tables(): it holds the whole Engram tables, which "
-                "sharding replaced by per-rank shards. Build the optimizer after sharding (create_engram_optimizer, "
-                "or EngramTrainer(shard_tables=True), which does it in that order)."
-            )
-    _stale_checked.add(optimizer)
-
-
-_hook_handle = []
-
-
 def shard_engram_tables(model: nn.Module, group=None) -> nn.Module:
     """Shard every Engram table of `model` by rows over the ranks of `group` (default: all), in place.
 
@@ -234,38 +197,7 @@ def shard_engram_tables(model: nn.Module, group=None) -> nn.Module:
         table.keep_rows(shard)
     ignored = [f"{name}.{tensor}" for name in tables for tensor in ("weight", "weight_scale", "offsets")]
     model._ddp_params_and_buffers_to_ignore = [*getattr(model, "_ddp_params_and_buffers_to_ignore", []), *ignored]
-    if not _hook_handle:
-        _hook_handle.append(register_optimizer_step_pre_hook(_refuse_stale_tables))
     return model
-
-
-@torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` over all of `model`'s gradients, table shards of every rank included.
-
-    Call it after backward (and DDP's all-reduce): the replicated gradients count once, the shards' norms are
-    all-reduced over their group. Every rank gets the same total norm and clips by it. Returns the total norm.
-    """
-    params = [p for p in model.parameters() if p.grad is not None]
-    tables = list(sharded_tables(model).values())
-    shard_ids = {id(table.weight) for table in tables}
-    replicated = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in shard_ids], norm_type)
-    local = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in shard_ids], norm_type)
-    device = replicated.device
-    if tables:
-        group = tables[0].row_shard.group
-        exchange_device = local.device if dist.get_backend(group) != "nccl" else torch.device("cuda")
-        local = local.to(exchange_device)
-        if norm_type == float("inf"):
-            dist.all_reduce(local, dist.ReduceOp.MAX, group=group)
-        else:
-            local = local.pow(norm_type)
-            dist.all_reduce(local, group=group)
-            local = local.pow(1.0 / norm_type)
-    parts = torch.stack([replicated, local.to(device)])
-    total = parts.max() if norm_type == float("inf") else torch.linalg.vector_norm(parts, norm_type)
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
 
 
 def save_table_shards(model: nn.Module, save_directory: str, is_main_process: bool) -> None:
@@ -333,43 +265,7 @@ def _index_tables(save_directory: str, table_keys: list[str], table_bytes: int) 
         json.dump(index, handle, indent=2, sort_keys=True)
 
 
-def checkpoint_files(folder: str) -> list[str]:
-    """The safetensors files of a saved model folder: those its index names, or its one model.safetensors."""
-    index = os.path.join(folder, INDEX_FILE)
-    if not os.path.exists(index):
-        return [os.path.join(folder, "model.safetensors")]
-    with open(index) as handle:
-        return sorted({os.path.join(folder, name) for name in json.load(handle)["weight_map"].values()})
-
-
-@torch.no_grad()
-def load_into_shards(model: nn.Module, folder: str) -> None:
-    """Load a saved model folder into `model`, whose tables are sharded: everything else whole, and each table's
-    own rows only (read from the memory-mapped files). What `EngramTrainer` resumes a sharded run with."""
-    from safetensors import safe_open
-
-    files = checkpoint_files(folder)
-    tables = sharded_tables(model)
-    state = {}
-    for path in files:
-        with safe_open(path, "pt") as handle:
-            state.update({key: handle.get_tensor(key) for key in handle.keys() if key.rsplit(".", 1)[0] not in tables})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    config = getattr(model, "config", None)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", 0) else set()
-    missing = [key for key in missing if key.rsplit(".", 1)[0] not in tables and key not in tied]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}.")
-    checkpoint = CheckpointTables(files)
-    for name, table in tables.items():
-        _, _, values, scales = checkpoint.stored_rows(name, table)
-        table.weight.copy_(values)
-        if scales is not None:
-            table.weight_scale.copy_(scales)
-
-
 __all__ = [
-    "RowShard", "check_same_engram_config", "clip_grad_norm_", "exchange_counter", "load_into_shards", "owner_lookup", "row_blocks",
-    "save_table_shards", "shard_engram_tables", "sharded_tables",
+    "RowShard", "check_same_engram_config", "owner_lookup", "row_blocks", "save_table_shards", "shard_engram_tables",
+    "sharded_tables",
 ]

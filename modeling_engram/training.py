@@ -38,7 +38,8 @@ from .engram_layer import EngramLayer
 from .memory import EngramTable
 from .modeling_engram import EngramPreTrainedModel
 from .moe import EngramTopKRouter
-from .table_parallel import clip_grad_norm_, load_into_shards, shard_engram_tables, sharded_tables
+from .sharded_training import clip_grad_norm_, load_into_shards
+from .table_parallel import shard_engram_tables, sharded_tables
 
 logger = logging.getLogger(__name__)
 

@@ -60,8 +60,21 @@ def test_exported_files_are_the_modeling_files_closure():
     transformers_copies = {Path(f).name for f in get_relative_import_files(modeling_file)}
     assert files[0] == "modeling_engram.py" and sorted(files[1:]) == sorted(transformers_copies)
     assert {"configuration_engram.py", "hashing.py", "memory.py", "engram_layer.py"} <= set(files)
-    helpers = {"hub.py", "token_map.py", "retrofit.py", "engram_adapter.py", "__init__.py"}
+    helpers = {"hub.py", "token_map.py", "retrofit.py", "engram_adapter.py", "__init__.py", "training.py",
+               "sharded_training.py", "data.py", "corpus.py", "visualize.py", "allocation.py", "serving.py"}
     assert not helpers & set(files), "package helpers must stay out of the export"
+
+
+def test_the_exported_files_only_run_models():
+    """No training, benchmark or plotting code in what trust_remote_code runs: such code lives in package modules
+    (training.py, sharded_training.py, visualize.py, corpus.py) and bench/."""
+    training_only = ["register_optimizer_step_pre_hook", "clip_grad", "load_into_shards", "Trainer", "matplotlib",
+                     "plot_", "counter", "corpus", "bench"]
+    for name in exported_code_files():
+        source = (PACKAGE_DIR / name).read_text()
+        code = "\n".join(line.split("#")[0] for line in source.splitlines())  # comments may name them
+        found = [word for word in training_only if word in code]
+        assert not found, f"{name} holds {found}"
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ from conftest import tiny_model
 from transformers import TrainingArguments
 
 from modeling_engram import EngramForCausalLM, shard_engram_tables
-from modeling_engram.table_parallel import INDEX_FILE, TABLE_FILE, exchange_counter, owner_lookup, row_blocks
+from modeling_engram.sharded_training import count_exchanged_bytes
+from modeling_engram.table_parallel import INDEX_FILE, TABLE_FILE, owner_lookup, row_blocks
 from modeling_engram.training import EngramTrainer, create_engram_optimizer, engram_tables
 
 ROWS, WIDTH = 101, 8
@@ -34,9 +35,8 @@ def _lookup_worker(rank: int, world: int, init_file: str, results: dict) -> None
         starts = torch.tensor(row_blocks(ROWS, world))
         shard = torch.nn.Parameter(table[starts[rank] : starts[rank + 1]].clone())
         ids = torch.randint(0, ROWS, (40,), generator=torch.Generator().manual_seed(rank)).unique()
-        exchange_counter.reset()
-        rows = owner_lookup(shard, ids, starts)
-        sent_small = exchange_counter.sent_bytes
+        with count_exchanged_bytes() as small:
+            rows = owner_lookup(shard, ids, starts)
         weights = torch.randn(rows.shape, generator=torch.Generator().manual_seed(100 + rank))
         (rows * weights).sum().backward()
         whole = torch.nn.Parameter(table.clone())  # what one process computes for every rank's batch
@@ -48,13 +48,13 @@ def _lookup_worker(rank: int, world: int, init_file: str, results: dict) -> None
         # The same ids in a table 10,000 times larger: the exchange does not grow with the table.
         big_starts = torch.tensor(row_blocks(ROWS * 10_000, world))
         big_shard = torch.zeros(int(big_starts[rank + 1] - big_starts[rank]), WIDTH)
-        exchange_counter.reset()
-        owner_lookup(big_shard, ids * 10_000, big_starts)
+        with count_exchanged_bytes() as big:
+            owner_lookup(big_shard, ids * 10_000, big_starts)
         results[rank] = {
             "rows_equal": torch.equal(rows, table[ids]),
             "grad_close": torch.allclose(shard.grad.to_dense(), whole.grad[starts[rank] : starts[rank + 1]], atol=1e-6),
             "grad_rows": int(shard.grad.coalesce().indices().numel()),
-            "sent": (sent_small, exchange_counter.sent_bytes),
+            "sent": (small["sent"], big["sent"]),
         }
     finally:
         dist.destroy_process_group()
