@@ -369,7 +369,10 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, sock: socket.
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
     print(f"engram-serve: {app.state.server.model_name!r} at http://{host}:{port}/v1", flush=True)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, after its graceful shutdown has run
+        pass
     return server
 
 
