@@ -15,6 +15,7 @@ A helper of the package, never exported with a model: nothing in the model files
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -167,15 +168,16 @@ class RowSampler(LogitsProcessor):
 
 
 class BatchingEngine:
-    """Runs `model.generate` on one thread, one batch of waiting requests at a time (at most `max_batch_size`).
+    """Runs `model.generate` on one thread, one batch of waiting requests at a time (at most `max_batch_size`; a batch
+    starts `batch_wait` seconds after its first request arrived at the latest).
 
     `submit` may be called from any thread. `start()` starts the thread; `stop()` ends the running batch at its next
     step, fails what still waits, and joins the thread.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32):
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_wait: float = 0.005):
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size = max_batch_size
+        self.max_batch_size, self.batch_wait = max_batch_size, batch_wait
         config = model.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -215,15 +217,20 @@ class BatchingEngine:
         self.waiting.put(request)
 
     def _take_batch(self) -> list[GenerationRequest]:
+        """The requests waiting, after the first one has waited `batch_wait` seconds for company: clients answered by
+        one batch send their next requests a few milliseconds apart, and should not split into batches of one."""
         first = self.waiting.get()
-        batch = [] if first is None else [first]
+        if first is None:
+            return []
+        batch, deadline = [first], time.monotonic() + self.batch_wait
         while len(batch) < self.max_batch_size:
             try:
-                request = self.waiting.get_nowait()
+                request = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if request is not None:
-                batch.append(request)
+            if request is None:
+                break
+            batch.append(request)
         return [request for request in batch if not request.cancelled]
 
     def _run(self) -> None:

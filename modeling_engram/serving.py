@@ -113,11 +113,12 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 class EngramServer:
     """The model, its tokenizer and the batching engine, as the endpoints use them."""
 
-    def __init__(self, model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 32):
+    def __init__(self, model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 32,
+                 batch_wait: float = 0.005):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.vocab_size = model.config.vocab_size
-        self.engine = BatchingEngine(model, tokenizer, max_batch_size=max_batch_size)
+        self.engine = BatchingEngine(model, tokenizer, max_batch_size=max_batch_size, batch_wait=batch_wait)
         self.created = int(time.time())
 
     def check_model(self, name: str) -> None:
@@ -276,9 +277,10 @@ async def respond(server: EngramServer, body: SamplingFields, prompts: list[list
     return StreamingResponse(stream(), media_type="text/event-stream")
 
 
-def create_app(model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 32) -> FastAPI:
+def create_app(model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 32,
+               batch_wait: float = 0.005) -> FastAPI:
     """The FastAPI app serving `model` as `model_name`; its lifespan starts and stops the batching engine."""
-    server = EngramServer(model, tokenizer, model_name, max_model_len, max_batch_size)
+    server = EngramServer(model, tokenizer, model_name, max_model_len, max_batch_size, batch_wait)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -354,6 +356,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="how long a batch's first request waits for others to join it")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="prompt + completion tokens at most (default: the config's max_position_embeddings)")
     return parser
@@ -380,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     args = argument_parser().parse_args(argv)
     sock = socket.create_server((args.host, args.port))  # bound before the model loads: a taken port fails at once
     model, tokenizer = load(args.model, args.revision, args.trust_remote_code, args.device, args.dtype)
-    app = create_app(model, tokenizer, args.served_model_name or args.model, args.max_model_len, args.max_batch_size)
+    app = create_app(model, tokenizer, args.served_model_name or args.model, args.max_model_len, args.max_batch_size,
+                     args.batch_wait_ms / 1000)
     serve(app, sock=sock)
     print("engram-serve: stopped", flush=True)
 
