@@ -10,8 +10,9 @@ job does, saved to a temporary folder. `engram-serve` (python -m modeling_engram
 subprocess on 127.0.0.1; each client is a thread of this process that sends greedy completion requests through the
 `openai` client, one after another, each a different 32-token piece of standard-library source asking for
 `--max-tokens` tokens. Every level runs `--rounds` times, the levels interleaved (1, 4, 16, 1, 4, 16, ...) so that
-the load of a shared machine hits them alike; the table gives the median of each level's rounds. tokens/s counts
-completion tokens (usage.completion_tokens) over the wall time of the level's round.
+the load of a shared machine hits them alike; the table gives the median of each level's rounds, and each round's
+tokens/s against the one-client level of the same round. tokens/s counts completion tokens (usage.completion_tokens)
+over the wall time of the level's round.
 """
 
 import argparse
@@ -138,13 +139,15 @@ def bench() -> None:
         finally:
             server.terminate()
             server.wait(60)
-    base = statistics.median(r["tokens/s"] for r in results[levels[0]])
-    print(f"\n| clients | requests/s | tokens/s | tokens/s vs {levels[0]} client{'s' * (levels[0] > 1)} |")
+    first = levels[0]
+    print(f"\n| clients | requests/s | tokens/s | tokens/s vs {first} client{'s' * (first > 1)}, per round (median) |")
     print("|---|---|---|---|")
     for level in levels:
         rps = statistics.median(r["requests/s"] for r in results[level])
         tps = statistics.median(r["tokens/s"] for r in results[level])
-        print(f"| {level} | {rps:.2f} | {tps:.1f} | {tps / base:.2f}x |")
+        ratios = [r["tokens/s"] / b["tokens/s"] for r, b in zip(results[level], results[first])]
+        rounds = ", ".join(f"{ratio:.2f}x" for ratio in ratios)
+        print(f"| {level} | {rps:.2f} | {tps:.1f} | {rounds} ({statistics.median(ratios):.2f}x) |")
 
 
 if __name__ == "__main__":

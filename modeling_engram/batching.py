@@ -169,13 +169,13 @@ class RowSampler(LogitsProcessor):
 
 class BatchingEngine:
     """Runs `model.generate` on one thread, one batch of waiting requests at a time (at most `max_batch_size`; a batch
-    starts `batch_wait` seconds after its first request arrived at the latest).
+    starts `batch_wait` seconds after its first request arrived at the latest, see `_take_batch`).
 
     `submit` may be called from any thread. `start()` starts the thread; `stop()` ends the running batch at its next
     step, fails what still waits, and joins the thread.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_wait: float = 0.005):
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_wait: float = 0.02):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.batch_wait = max_batch_size, batch_wait
         config = model.generation_config
@@ -217,15 +217,18 @@ class BatchingEngine:
         self.waiting.put(request)
 
     def _take_batch(self) -> list[GenerationRequest]:
-        """The requests waiting, after the first one has waited `batch_wait` seconds for company: clients answered by
-        one batch send their next requests a few milliseconds apart, and should not split into batches of one."""
+        """The requests waiting (at most `max_batch_size`). While fewer wait than the last batch held, the first one
+        waits up to `batch_wait` seconds for more: clients answered by one batch send their next requests a few
+        milliseconds apart and should not split into smaller batches, and a lone client never waits."""
         first = self.waiting.get()
         if first is None:
             return []
         batch, deadline = [first], time.monotonic() + self.batch_wait
+        expected = min(self.batch_sizes[-1] if self.batch_sizes else 1, self.max_batch_size)
         while len(batch) < self.max_batch_size:
+            wait = max(0.0, deadline - time.monotonic()) if len(batch) < expected else 0.0
             try:
-                request = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+                request = self.waiting.get(timeout=wait) if wait else self.waiting.get_nowait()
             except queue.Empty:
                 break
             if request is None:

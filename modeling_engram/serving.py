@@ -114,7 +114,7 @@ class EngramServer:
     """The model, its tokenizer and the batching engine, as the endpoints use them."""
 
     def __init__(self, model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 32,
-                 batch_wait: float = 0.005):
+                 batch_wait: float = 0.02):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.vocab_size = model.config.vocab_size
@@ -134,10 +134,10 @@ class EngramServer:
         top_p = body.top_p if body.top_p is not None else (config.top_p or 1.0) if sampling else 1.0
         top_k = (config.top_k or None) if sampling and body.temperature is None else None
         room = self.max_model_len - prompt_len
-        if prompt_len > self.max_model_len or (max_tokens is not None and max_tokens > room):
-            asked = f" and max_tokens asks for {max_tokens} more" if max_tokens is not None else ""
+        if (max_tokens or 1) > room:
+            asked = f" and max_tokens asks for {max_tokens} more" if max_tokens is not None else ", no room for more"
             raise ApiError(400, f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                                f"{prompt_len} tokens{asked}.", "max_tokens" if prompt_len <= self.max_model_len
+                                f"{prompt_len} tokens{asked}.", "max_tokens" if prompt_len < self.max_model_len
                            else "prompt", "context_length_exceeded")
         return SamplingParams(max_tokens=max_tokens or room, temperature=temperature, top_p=top_p, top_k=top_k,
                               seed=body.seed, stop=stop_strings(body.stop))
@@ -278,7 +278,7 @@ async def respond(server: EngramServer, body: SamplingFields, prompts: list[list
 
 
 def create_app(model, tokenizer, model_name: str, max_model_len: int | None = None, max_batch_size: int = 32,
-               batch_wait: float = 0.005) -> FastAPI:
+               batch_wait: float = 0.02) -> FastAPI:
     """The FastAPI app serving `model` as `model_name`; its lifespan starts and stops the batching engine."""
     server = EngramServer(model, tokenizer, model_name, max_model_len, max_batch_size, batch_wait)
 
@@ -356,8 +356,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
-                        help="how long a batch's first request waits for others to join it")
+    parser.add_argument("--batch-wait-ms", type=float, default=20.0,
+                        help="how long a batch's first request waits for others, while fewer wait than the last batch held")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="prompt + completion tokens at most (default: the config's max_position_embeddings)")
     return parser

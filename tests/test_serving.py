@@ -230,6 +230,8 @@ def test_bad_requests_get_4xx_and_the_server_lives_on(served, folder):
         assert refusal.value.body["message"], case  # OpenAI's error JSON
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model=NAME, messages=[])
+    with pytest.raises(openai.BadRequestError, match="the prompt has 2.. tokens, no room for more"):  # no max_tokens
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x" * 250}])
     assert client.completions.create(model=NAME, prompt="still here", max_tokens=3).usage.completion_tokens == 3
 
 
