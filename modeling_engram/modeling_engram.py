@@ -11,6 +11,7 @@ This file and the same-folder modules it imports (`from .module import name`, no
 `save_pretrained` exports for `trust_remote_code`; package helpers (token map, hub, retrofit) stay out of it.
 """
 
+import contextvars
 import importlib
 from collections.abc import Callable
 
@@ -47,6 +48,27 @@ from .mhc import DYNAMIC_SCALE_INIT, HyperConnection, HyperHead, PlainResidual
 from .moe import EngramExperts, EngramMoE, EngramTopKRouter
 from .placement import resolve_table_placement
 from .table_parallel import require_process_group, save_table_shards, shard_engram_tables, sharded_tables
+
+
+# vLLM's (and SGLang's) Transformers backend runs a model it accepts on packed, cache-less [1, T] rows: Engram's n-grams
+# would hash across request boundaries, and every decode step would hash one token without its history.
+PACKED_BACKEND_REFUSAL = (
+    "{name} is not compatible with vLLM's Transformers backend (model_impl='transformers'), nor SGLang's: they run a "
+    "model on packed, cache-less [1, T] rows of several requests, so Engram's n-gram hashes would span request "
+    "boundaries and each decode step would hash one token without its history: silently wrong output. Serve it with "
+    "`engram-serve MODEL` (pip install 'modeling_engram[serve]'), or call `generate` with left padding; a native vLLM "
+    "plugin is planned."
+)
+# transformers' continuous batching (generate_batch, init_continuous_batching, generate(cache_implementation="paged"))
+CONTINUOUS_BATCHING_REFUSAL = (
+    "{name} does not support transformers' continuous batching (generate_batch, init_continuous_batching, "
+    "generate(cache_implementation='paged')): its paged cache keeps only keys and values, and has no slot for an Engram "
+    "layer's per-request token history and short-conv state, so cached decoding could not be exact. Use "
+    "`generate` on a left-padded batch (tokenizer.padding_side = 'left'; exact), or `engram-serve MODEL` for an "
+    "OpenAI-compatible server that batches concurrent requests that way."
+)
+# True only inside `EngramPreTrainedModel.set_attn_implementation`: see `_can_set_attn_implementation`.
+SETTING_ATTENTION = contextvars.ContextVar("engram_setting_attention", default=False)
 
 
 def _package_helper(name: str):
@@ -194,7 +216,8 @@ class EngramPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _supports_attention_backend = True
+    # False, and `is_backend_compatible` raises: vLLM's Transformers backend would run Engram wrongly (above).
+    _supports_attention_backend = False
     # Router logits as transformers' DeepSeek-V3 records them (None for a dense model): `output_router_logits=True`.
     _can_record_outputs = {"hidden_states": EngramDecoderLayer, "attentions": EngramAttention,
                            "router_logits": OutputRecorder(EngramTopKRouter, index=0)}
@@ -219,6 +242,28 @@ class EngramPreTrainedModel(PreTrainedModel):
                 )
             return "eager"
         return super()._check_and_adjust_experts_implementation(experts_implementation)
+
+    @classmethod
+    def is_backend_compatible(cls) -> bool:
+        """Never: raises the reason. vLLM's and SGLang's registries call this before running a model through their
+        Transformers backend, which packs requests into one cache-less row (see `PACKED_BACKEND_REFUSAL`)."""
+        raise ValueError(PACKED_BACKEND_REFUSAL.format(name=cls.__name__))
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """False outside `set_attn_implementation`. vLLM accepts a remote-code model whose class answers True here
+        (or to `is_backend_compatible`); transformers asks it only inside `set_attn_implementation`, which this class
+        wraps, so switching attention still works. Helpers that ask first (transformers' export utilities) keep the
+        model's attention as loaded."""
+        return SETTING_ATTENTION.get()
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """transformers' `set_attn_implementation` (every Engram attention goes through the attention interface)."""
+        token = SETTING_ATTENTION.set(True)
+        try:
+            return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        finally:
+            SETTING_ATTENTION.reset(token)
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
         """transformers' resize, followed by the hasher: kept ids hash as before, new ids get compressed ids of their
@@ -608,6 +653,14 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
         """Load a compact Engram adapter (`save_engram_adapter` / `push_engram_adapter`: only the Engram tensors)
         over its base model, by default the one it records. See `modeling_engram.engram_adapter`."""
         return _required_helper("engram_adapter").from_engram_adapter(adapter, base, model_class=cls, **kwargs)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refused with a `ValueError` (`CONTINUOUS_BATCHING_REFUSAL`): the paged cache has no slot for Engram's state."""
+        raise ValueError(CONTINUOUS_BATCHING_REFUSAL.format(name=type(self).__name__))
+
+    def generate_batch(self, *args, **kwargs):
+        """Refused like `init_continuous_batching`, at once (`generate(cache_implementation="paged")` lands here)."""
+        raise ValueError(CONTINUOUS_BATCHING_REFUSAL.format(name=type(self).__name__))
 
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
         """GenerationMixin's inputs, with the prompt's ids kept beside its embeddings on the first step (transformers

@@ -14,6 +14,7 @@ PRIVATE = [
     (PreTrainedModel, "_load_pretrained_model", ["model", "state_dict", "checkpoint_files", "load_config"]),
     (PreTrainedModel, "_check_and_adjust_experts_implementation", ["self", "experts_implementation"]),
     (PreTrainedModel, "_can_set_experts_implementation", []),
+    (PreTrainedModel, "_can_set_attn_implementation", []),
     (Trainer, "_clip_grad_norm", ["self", "model"]),
     (Trainer, "_get_grad_norm", ["self", "model", "grad_norm"]),
     (Trainer, "_save", ["self", "output_dir", "state_dict"]),
