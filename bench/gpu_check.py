@@ -87,14 +87,16 @@ def markdown(report: dict) -> str:
         f"{env.get('triton')}, commit {env.get('commit')}; {report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s "
         f"budget. **{verdict}** ({counts['passed']} passed, {counts['not_judged']} recorded without a verdict).",
         "",
-        "| section | check | value | threshold | result | note |",
-        "|---|---|---|---|---|---|",
+        "| section | check | value | threshold | result | seconds | note |",
+        "|---|---|---|---|---|---|---|",
     ]
     verdicts = {True: "pass", False: "**FAIL**", None: "-"}
     for c in report["checks"]:
         result = "skipped" if c.get("skipped") else verdicts[c["passed"]]
         note = c.get("note", "").replace("|", "/")
-        lines.append(f"| {c['section']} | {c['check']} | {c['shown']} | {c['threshold']} | {result} | {note} |")
+        seconds = "" if c.get("seconds") is None else c["seconds"]
+        lines.append(f"| {c['section']} | {c['check']} | {c['shown']} | {c['threshold']} | {result} | {seconds} "
+                     f"| {note} |")
     lines += ["", "| section | status | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {s['status']} | {s['seconds']} |" for name, s in report["sections"].items()]
     return "\n".join(lines) + "\n"
@@ -123,7 +125,8 @@ def main():
             if timeout < STARTUP:
                 status, seconds = "skipped", 0.0
                 report["checks"].append(dict(section=name, check=f"{name} section", value=None, shown="skipped",
-                                             threshold="", passed=None, skipped=True, note="no time left in the budget"))
+                                             threshold="", passed=None, skipped=True,
+                                             note="no time left in the budget"))
             else:
                 part = Path(parts) / f"{name}.json"
                 status, seconds = run_section(name, part, timeout, args.smoke)

@@ -215,7 +215,8 @@ def hash_case(sizes: dict, device: torch.device):
     at the largest value the config allows (int64 wrap-around), and a quarter of the positions masked."""
     config = EngramConfig(vocab_size=sizes["vocab_size"], num_hidden_layers=12, engram_layer_ids=[1, 6],
                           max_ngram_size=3, n_head_per_ngram=sizes["heads"],
-                          engram_vocab_size=[sizes["rows"]] * 2, engram_compressed_vocab_size=sizes["compressed_vocab_size"],
+                          engram_vocab_size=[sizes["rows"]] * 2,
+                          engram_compressed_vocab_size=sizes["compressed_vocab_size"],
                           engram_pad_id=2, pad_token_id=0)
     generator = torch.Generator().manual_seed(0)
     compressed = config.engram_compressed_vocab_size
@@ -296,7 +297,8 @@ def gather_checks(report: Report, sizes: dict, dtype: torch.dtype) -> None:
     ordered = None
     for mode, deterministic in (("ordered", True), ("atomic", False)):
         seconds = timed(report.device)
-        ours_unique, ours_grads = engram_kernels.row_gradients(grad_rows, hash_ids, offsets, deterministic=deterministic)
+        ours_unique, ours_grads = engram_kernels.row_gradients(grad_rows, hash_ids, offsets,
+                                                               deterministic=deterministic)
         error = relative_error(ours_grads, reference) if torch.equal(ours_unique, unique) else math.inf
         report.record(f"gather {name}: row gradients ({mode}), rel. error", error, at_most=TOLERANCE[torch.float32],
                       fmt="{:.2e}", note="fp32 sums; inf if the rows differ", seconds=seconds())
@@ -398,7 +400,7 @@ def model_checks(report: Report, sizes: dict, name: str, dtype: torch.dtype, hc_
             logits[kernel] = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
     report.record(f"model {name}: logits, rel. error", relative_error(logits["triton"], logits["torch"]),
                   at_most=TOLERANCE[dtype], fmt="{:.2e}", seconds=seconds(),
-                  note=f"B x T = {tuple(input_ids.shape)}, left-padded")
+                  note=f"B x T = {input_ids.shape[0]} x {input_ids.shape[1]}, row 0 left-padded")
     del logits
     seconds = timed(device)
     for kernel in ("torch", "triton"):
@@ -469,7 +471,8 @@ def placement_checks(report: Report, sizes: dict, device: torch.device, dtype: t
     host = EngramForCausalLM.from_pretrained(folder, engram_storage="host", **load).to(device).eval()
     disk = EngramForCausalLM.from_pretrained(folder, engram_storage="disk", **load).to(device).eval()
     report.record("model: table / backbone parameters", tables / backbone, fmt="{:.1f}x", seconds=seconds(),
-                  note=f"backbone {backbone / 1e9:.2f}B, tables {tables / 1e9:.2f}B ({dtype}); build, save and load")
+                  note=f"backbone {backbone / 1e6:,.1f}M, tables {tables / 1e6:,.1f}M parameters ({dtype}); "
+                       "seconds: build, save, load host and disk")
     host_tables = [t for t in host.modules() if isinstance(t, EngramTable)]
     if device.type == "cuda":
         report.record("host tables are pinned", all(t.weight.is_pinned() for t in host_tables), equals=True, fmt="{}")
@@ -494,8 +497,8 @@ def placement_checks(report: Report, sizes: dict, device: torch.device, dtype: t
     tokens = sizes["batch"] * sizes["length"]
     rate = {name: tokens / statistics.median(t[sizes["warmup"]:]) for name, t in times.items()}
     report.record("resident: tokens/s", rate["resident"], fmt="{:,.0f}", seconds=seconds(),
-                  note=f"B x T = {sizes['batch']} x {sizes['length']} random ids, forward, median of {sizes['rounds']}; "
-                       "lookups as engram_kernel='auto' dispatches them")
+                  note=f"B x T = {sizes['batch']} x {sizes['length']} random ids, forward, median of "
+                       f"{sizes['rounds']}; lookups as engram_kernel='auto' dispatches them")
     for name in list(models)[1:]:
         goal = dict(at_least=0.99) if "no prefetch" not in name else {}  # without prefetch: what prefetch buys
         report.record(f"{name}: tokens/s / resident", rate[name] / rate["resident"], fmt="{:.3f}", speed=True,
