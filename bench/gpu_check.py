@@ -58,7 +58,10 @@ def run_section(name: str, part: Path, timeout: float, smoke: bool) -> tuple[str
 
 def section_rows(name: str, part: Path, status: str) -> tuple[list[dict], dict | None]:
     """The section's checks, plus a failed row when its process did not finish cleanly."""
-    data = json.loads(part.read_text()) if part.exists() else {}
+    try:
+        data = json.loads(part.read_text())
+    except (OSError, ValueError):  # the section stopped before writing anything
+        data = {}
     checks = data.get("checks", [])
     if status != "ok":
         checks.append(dict(section=name, check=f"{name} section process", value=None, shown=status, threshold="ok",

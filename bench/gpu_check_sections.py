@@ -94,7 +94,9 @@ class Report:
     def save(self) -> None:
         part = dict(section=self.section, environment=self.environment, checks=self.checks,
                     seconds=round(time.perf_counter() - self.started, 2))
-        self.path.write_text(json.dumps(part, indent=1))
+        staged = self.path.with_suffix(".tmp")
+        staged.write_text(json.dumps(part, indent=1))
+        os.replace(staged, self.path)  # a section stopped mid-write leaves the previous whole file
 
     def record(self, check: str, value: float, *, at_most=None, at_least=None, equals=None, fmt="{:.3g}",
                speed: bool = False, note: str = "", seconds: float | None = None) -> None:
