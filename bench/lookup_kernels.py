@@ -57,11 +57,16 @@ def build(sizes: dict, device: torch.device):
 
 
 def bench_ms(fn, warmup: int = 3, repeat: int = 10) -> float:
-    """Median milliseconds of `fn()` on the GPU (CUDA events around each call)."""
+    """Median milliseconds of `fn()`: CUDA events around each call on a GPU, the wall clock on the CPU."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        if not torch.cuda.is_available():
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -151,25 +156,36 @@ def numpy_hash_ms(model, input_ids) -> float:
     return (time.perf_counter() - started) * 1e3
 
 
-def speed(model, input_ids) -> None:
-    print("| op | torch path (ms) | Triton (ms) | speedup |\n|---|---|---|---|")
-    times = {}
-    for name, (torch_fn, triton_fn) in lookup_ops(model, input_ids).items():
-        times[name] = bench_ms(torch_fn), bench_ms(triton_fn)
-        print(f"| {name} | {times[name][0]:.3f} | {times[name][1]:.3f} | {times[name][0] / times[name][1]:.1f}x |")
-    numpy_ms = numpy_hash_ms(model, input_ids)
-    triton_hash = times["hash (all layers)"][1]
-    print(f"\nnumpy reference hash (CPU, one run): {numpy_ms:.1f} ms; Triton hash {triton_hash:.3f} ms: "
-          f"{numpy_ms / triton_hash:.0f}x (goal: >= 50x)")
-
+def measure_speed(model, input_ids, warmup: int = 3, repeat: int = 10) -> dict:
+    """Times (ms) of every lookup op on both paths, the numpy reference hash, and per path the forward and the share
+    of it spent in hash + gather: `{"ops": {op: (torch, triton)}, "numpy_hash": ms, "forward": {path: (forward,
+    lookup)}}`."""
+    ops = {name: (bench_ms(torch_fn, warmup, repeat), bench_ms(triton_fn, warmup, repeat))
+           for name, (torch_fn, triton_fn) in lookup_ops(model, input_ids).items()}
     inner, layers = model.model, model.config.engram_layer_ids
-    print("\n| path | forward (ms) | hash + gather (ms) | share |\n|---|---|---|---|")
+    forward = {}
     for kernel in ("torch", "triton"):
         with torch.no_grad(), force_engram_kernel(kernel):
             hash_ids = inner.hasher(input_ids)
-            forward = bench_ms(lambda: model(input_ids, use_cache=False, logits_to_keep=1))
-            lookup = bench_ms(lambda: [inner.layers[l].engram.table(ids) for l, ids in inner.hasher(input_ids).items()])
+            forward[kernel] = (
+                bench_ms(lambda: model(input_ids, use_cache=False, logits_to_keep=1), warmup, repeat),
+                bench_ms(lambda: [inner.layers[l].engram.table(ids) for l, ids in inner.hasher(input_ids).items()],
+                         warmup, repeat),
+            )
         assert set(hash_ids) == set(layers)
+    return {"ops": ops, "numpy_hash": numpy_hash_ms(model, input_ids), "forward": forward}
+
+
+def speed(model, input_ids) -> None:
+    times = measure_speed(model, input_ids)
+    print("| op | torch path (ms) | Triton (ms) | speedup |\n|---|---|---|---|")
+    for name, (torch_ms, triton_ms) in times["ops"].items():
+        print(f"| {name} | {torch_ms:.3f} | {triton_ms:.3f} | {torch_ms / triton_ms:.1f}x |")
+    numpy_ms, triton_hash = times["numpy_hash"], times["ops"]["hash (all layers)"][1]
+    print(f"\nnumpy reference hash (CPU, one run): {numpy_ms:.1f} ms; Triton hash {triton_hash:.3f} ms: "
+          f"{numpy_ms / triton_hash:.0f}x (goal: >= 50x)")
+    print("\n| path | forward (ms) | hash + gather (ms) | share |\n|---|---|---|---|")
+    for kernel, (forward, lookup) in times["forward"].items():
         print(f"| {kernel} | {forward:.2f} | {lookup:.3f} | {lookup / forward:.2%} |")
     print("\nGoal: hash + gather under 2% of the forward time.")
 

@@ -37,6 +37,26 @@ def real_text_batches(tokenizer, texts, batch_size, seq_len, count):
     return [chunks[i * batch_size : (i + 1) * batch_size] for i in range(count)]
 
 
+@torch.no_grad()
+def time_placements(models: dict, batches, device: torch.device, cold: dict | None = None, **forward_kwargs) -> dict:
+    """`{name: [seconds per forward]}`: every model runs each batch in turn, round by round, so that machine load hits
+    all placements alike. `cold[name]` lists tables whose pages are dropped before each of that model's forwards."""
+    seconds = {name: [] for name in models}
+    for batch in tqdm(batches, desc="rounds"):
+        batch = batch.to(device)
+        for name, model in models.items():
+            for table in (cold or {}).get(name, ()):
+                table.mapping.release_pages()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            model(batch, **forward_kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=400_000, help="rows per head table (8 heads x 2 orders x 2 layers)")
@@ -92,21 +112,7 @@ def main():
     for layer_id in config.engram_layer_ids:
         cached.model.layers[layer_id].engram.table.cache.reset_stats()
 
-    seconds = {name: [] for name in variants}
-    with torch.no_grad():
-        for batch in tqdm(batches, desc="rounds"):
-            batch = batch.to(device)
-            for name, model in models.items():
-                if "cold" in name:
-                    for table in cold_tables:
-                        table.mapping.release_pages()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
-                model(batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds[name].append(time.perf_counter() - started)
+    seconds = time_placements(models, batches, device, cold={name: cold_tables for name in models if "cold" in name})
 
     tokens = args.batch_size * args.seq_len
     base = tokens / statistics.median(seconds["(a) resident"])

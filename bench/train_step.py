@@ -34,9 +34,9 @@ def config(total_rows: int) -> EngramConfig:
     )
 
 
-def build(total_rows: int, sparse: bool, lr: float = 1e-3):
+def build(total_rows: int, sparse: bool, lr: float = 1e-3, device: str | torch.device = "cpu"):
     torch.manual_seed(0)
-    model = EngramForCausalLM(config(total_rows)).train()
+    model = EngramForCausalLM(config(total_rows)).to(device).train()
     if sparse:
         optimizer = create_engram_optimizer(model, lr=lr, weight_decay=0.1)
     else:
@@ -45,22 +45,27 @@ def build(total_rows: int, sparse: bool, lr: float = 1e-3):
 
 
 def step(model, optimizer, batch) -> tuple[float, float]:
-    """(forward + backward seconds, clip + optimizer step + zero_grad seconds)."""
+    """(forward + backward seconds, clip + optimizer step + zero_grad seconds); on a GPU synchronised at each mark."""
+    sync = torch.cuda.synchronize if batch.is_cuda else lambda: None
+    sync()
     started = time.perf_counter()
     model(batch, labels=batch).loss.backward()
+    sync()
     middle = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    sync()
     return middle - started, time.perf_counter() - middle
 
 
-def measure(sparse: bool, sizes: list[int], steps: int, warmup: int, batch_size: int, seq_len: int) -> dict:
-    runs = {rows: build(rows, sparse) for rows in sizes}
+def measure(sparse: bool, sizes: list[int], steps: int, warmup: int, batch_size: int, seq_len: int,
+            device: str | torch.device = "cpu") -> dict:
+    runs = {rows: build(rows, sparse, device=device) for rows in sizes}
     generator = torch.Generator().manual_seed(0)
     times = {rows: [] for rows in sizes}
     for index in range(warmup + steps):
-        batch = torch.randint(3, 4096, (batch_size, seq_len), generator=generator)
+        batch = torch.randint(3, 4096, (batch_size, seq_len), generator=generator).to(device)
         for rows in sizes:  # alternate, so both sizes see the same machine load
             forward_backward, update = step(*runs[rows], batch)
             if index >= warmup:

@@ -175,10 +175,11 @@ class EngramConfig(PreTrainedConfig):
             checkpoint's safetensors, rows read on demand). Also a `from_pretrained` keyword.
         engram_prefetch: with host/disk tables, fetch every Engram layer's rows asynchronously at model entry.
         engram_cache_rows: rows per table kept in a hot-row cache on the execution device (0 = no cache).
-        engram_kernel: which implementation runs hash, gather and gate: "auto" (Triton kernels of the
-            `engram_kernels` package on CUDA tensors when it imports, torch otherwise), "triton" (also under
-            TRITON_INTERPRET=1 on the CPU; torch where Triton cannot run) or "torch". A preference, not a
-            requirement: the parameters are the same either way, so any checkpoint runs anywhere.
+        engram_kernel: which implementation runs hash, gather and gate: "auto" (the torch path, until the Triton
+            kernels of the `engram_kernels` package have passed a GPU run; then Triton on CUDA tensors), "triton"
+            (the kernels on CUDA, also under TRITON_INTERPRET=1 on the CPU; torch where Triton cannot run) or
+            "torch". A preference, not a requirement: the parameters are the same either way, so any checkpoint runs
+            anywhere.
 
     Compact rows and DeepSeek-V4.1's variant (with `engram_kernel_size=0`, `max_ngram_size=4` and `rms_norm_eps=1e-20`;
     README "A DeepSeek-V4.1 Engram layer"):

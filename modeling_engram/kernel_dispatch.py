@@ -11,6 +11,10 @@ import torch
 
 from .configuration_engram import ENGRAM_KERNELS
 
+# Whether "auto" runs the Triton kernels on CUDA tensors. Off until the kernels pass `bench/gpu_check.py` on a GPU:
+# so far they have run only in Triton's interpreter and through ptxas (issue 25). The commit that records a passing
+# GPU run turns this on, with the numbers.
+AUTO_USES_TRITON = False
 _forced: str | None = None  # set by `force_engram_kernel`; a module global (not a ContextVar) so dynamo can read it
 
 
@@ -49,14 +53,15 @@ def force_engram_kernel(kernel: str):
 def use_triton(preference: str, *tensors: torch.Tensor) -> bool:
     """Whether the Triton kernels run on `tensors`, for a module whose preference is `preference`.
 
-    "auto": when all tensors are on CUDA and `engram_kernels` imports; "triton": whenever Triton can run them
-    (CUDA, or the interpreter under TRITON_INTERPRET=1), the torch path otherwise; "torch": never. Code traced by
-    torch.compile always takes the torch path (user Triton kernels inside a compiled graph are not tested).
+    "auto": never for now (`AUTO_USES_TRITON`; once on: when all tensors are on CUDA and `engram_kernels` imports);
+    "triton": whenever Triton can run them (CUDA, or the interpreter under TRITON_INTERPRET=1), the torch path
+    otherwise; "torch": never. Code traced by torch.compile always takes the torch path (user Triton kernels inside a
+    compiled graph are not tested).
     """
     choice = _forced or preference
     if choice == "torch" or torch.compiler.is_compiling():  # under torch.compile Inductor fuses the torch path
         return False
-    if choice == "auto" and not all(t.is_cuda for t in tensors):
+    if choice == "auto" and not (AUTO_USES_TRITON and all(t.is_cuda for t in tensors)):
         return False
     kernels = load_kernels()
     runnable = kernels is not None and kernels.runnable_on(*tensors)
@@ -69,4 +74,4 @@ def use_triton(preference: str, *tensors: torch.Tensor) -> bool:
     return runnable
 
 
-__all__ = ["checked_preference", "force_engram_kernel", "load_kernels", "use_triton"]
+__all__ = ["AUTO_USES_TRITON", "checked_preference", "force_engram_kernel", "load_kernels", "use_triton"]

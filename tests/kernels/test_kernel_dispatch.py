@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -70,6 +71,19 @@ def test_dispatch_rules(monkeypatch):
         use_triton("auto", cpu)
     with pytest.raises(ValueError, match="engram_kernel='fast'"):
         force_engram_kernel("fast").__enter__()
+
+
+def test_auto_takes_the_torch_path_on_cuda_until_a_gpu_run_has_validated_the_kernels(monkeypatch):
+    # No GPU here: a stand-in for a CUDA tensor (all the dispatch reads of it) and kernels that could run on it.
+    cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    monkeypatch.setattr(kernel_dispatch, "load_kernels", lambda: types.SimpleNamespace(runnable_on=lambda *t: True))
+    assert not use_triton("auto", cuda)  # the default: the torch path, which has run on GPUs
+    assert use_triton("triton", cuda)  # the explicit opt-in still reaches the kernels
+    with force_engram_kernel("auto"):
+        assert not use_triton("triton", cuda)  # forcing "auto" means the default, whatever the module prefers
+    assert EngramConfig().engram_kernel == "auto" and not kernel_dispatch.AUTO_USES_TRITON
+    monkeypatch.setattr(kernel_dispatch, "AUTO_USES_TRITON", True)  # what a passing GPU run will switch on
+    assert use_triton("auto", cuda)
 
 
 @pytest.mark.parametrize(("backbone", "use_cache"), [("hc1", False), ("hc4-moe", True)],
