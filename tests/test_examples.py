@@ -122,7 +122,7 @@ def test_main_job_trains_on_a_saved_datasets_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_retrofit_example_reports_all_four_models_on_a_tiny_base(tmp_path, tiny_tokenizer):
-    """examples/retrofit.py end to end on a tiny saved Llama (the default SmolLM2 run is timed in the README)."""
+    """examples/retrofit.py end to end on a tiny saved Llama (its default SmolLM2 run: docs/benchmarks.md)."""
     from test_retrofit import save_tiny_base
 
     base = save_tiny_base("llama", tmp_path / "base")
