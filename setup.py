@@ -7,6 +7,8 @@ CARD_TEMPLATE = "model_card_template.md"
 TRITON = "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"
 # engram-serve (modeling_engram/serving.py); its tests also need the `openai` client (test extra).
 SERVE = ["fastapi>=0.115", "uvicorn>=0.30"]
+# The documentation site (mkdocs.yml): MkDocs, and mkdocstrings for the API reference from the docstrings.
+DOCS = ["mkdocs>=1.6,<2", "mkdocstrings[python]>=1.0"]
 
 
 class BuildPyWithCardTemplate(build_py):
@@ -57,7 +59,9 @@ setup(
         "train": ["datasets>=4.0", "peft>=0.21"],
         "examples": ["datasets>=4.0", "matplotlib>=3.8", "peft>=0.21", "nbclient>=0.10", "nbformat>=5.10",
                      "ipykernel>=6.29", "gguf>=0.10"],
+        "docs": DOCS,
         "test": [
+            *DOCS,
             "pytest>=8",
             "pytest-timeout>=2.3",
             "pytest-xdist>=3.6",

@@ -118,7 +118,8 @@ def model_card(
         model_or_config: an Engram model (parameter count and dtype come from it) or an `EngramConfig`.
         repo_id: the Hub repo the card shows in its loading snippets (default `<namespace>/<model_name>`).
         model_name: the card's title (default: the repo name, else "engram-model").
-        license, datasets: card metadata (datasets are Hub dataset ids, also listed under "Training data").
+        license: card metadata.
+        datasets: card metadata: Hub dataset ids, also listed under "Training data".
         training_data: free text for the "Training data" section.
         eval_results: `huggingface_hub.EvalResult`s, or dicts of its fields (`dataset_name`, `metric_type`,
             `metric_value`, optional `dataset_split`, `metric_name`; `task_type` defaults to text-generation);

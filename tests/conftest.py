@@ -29,7 +29,8 @@ from modeling_engram.moe import EngramTopKRouter  # noqa: E402
 # Optional packages and the extra that brings each. Tests that need one skip, naming it, where it is missing.
 OPTIONAL = {"triton": "triton", "engram_kernels": "triton", "datasets": "train", "peft": "train",
             "matplotlib": "examples", "nbformat": "examples", "nbclient": "examples", "ipykernel": "examples",
-            "gguf": "examples", "fastapi": "serve", "uvicorn": "serve", "openai": "test"}
+            "gguf": "examples", "fastapi": "serve", "uvicorn": "serve", "openai": "test", "mkdocs": "docs",
+            "mkdocstrings": "docs"}
 
 
 def missing_reason(module: str) -> str:

@@ -1,4 +1,5 @@
-"""The README's main job, its training snippet and the allocation sweep run end to end (at tiny sizes)."""
+"""The README's main job, the training snippet of docs/training.md and the allocation sweep run end to end (at tiny
+sizes)."""
 
 import json
 import math
@@ -82,13 +83,12 @@ def test_main_job_sweep_trains_the_chosen_models_with_one_setting_changed(tmp_pa
     assert [r["engram_layer_ids"] for r in runs[:2]] == [[], [2]] and runs[0]["n_routed_experts"] == 8
 
 
-def test_readme_training_snippet_runs(tmp_path, monkeypatch, tiny_tokenizer):
+def test_docs_training_snippet_runs(tmp_path, monkeypatch, tiny_tokenizer):
     from conftest import tiny_model, write_text_files
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Training") :]
-    start = section.index("```python\n") + len("```python\n")
-    code = section[start : section.index("```", start)]
+    page = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    start = page.index("```python\n") + len("```python\n")
+    code = page[start : page.index("```", start)]
     assert "max_steps=200" in code
     monkeypatch.chdir(tmp_path)
     model = tiny_model(vocab_size=99)
@@ -122,7 +122,7 @@ def test_main_job_trains_on_a_saved_datasets_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_retrofit_example_reports_all_four_models_on_a_tiny_base(tmp_path, tiny_tokenizer):
-    """examples/retrofit.py end to end on a tiny saved Llama (the default SmolLM2 run is timed in the README)."""
+    """examples/retrofit.py end to end on a tiny saved Llama (its default SmolLM2 run: docs/benchmarks.md)."""
     from test_retrofit import save_tiny_base
 
     base = save_tiny_base("llama", tmp_path / "base")

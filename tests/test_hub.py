@@ -352,11 +352,3 @@ def test_share_on_the_hub_notebook_runs_against_the_fake_hub(fake_hub, tmp_path)
     assert "None: random weights" in files["README.md"].decode()
     assert (tmp_path / "outputs" / "share_on_the_hub" / "model.safetensors").exists()
     assert fake_hub.unhandled == []
-
-
-def test_readme_names_every_file_trust_remote_code_runs():
-    readme = (ROOT / "README.md").read_text()
-    runs = readme.split("### What `trust_remote_code=True` runs")[1].split("\n#")[0]
-    contains = readme.split("**A pushed repo contains**")[1].split("\n- ")[0]
-    for file in exported_code_files():
-        assert f"`{file}`" in runs and f"`{file}`" in contains, f"README.md does not name {file}"
