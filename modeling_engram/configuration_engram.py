@@ -170,9 +170,21 @@ class EngramConfig(PreTrainedConfig):
         engram_compressed_vocab_size: size of the compressed vocabulary produced by `build_token_map`
             (defaults to `vocab_size`, i.e. the identity token map).
         engram_multipliers, engram_table_sizes: derived hash constants, stored once; leave them unset.
+
+    Compact rows and DeepSeek-V4.1's variant (with `engram_kernel_size=0`, `max_ngram_size=4` and `rms_norm_eps=1e-20`;
+    docs/deepseek-v41.md):
+        engram_row_format: how table rows are stored, in every storage and in the hot-row cache: "fp32", "bf16",
+            "fp16", "fp8_e4m3" (V4.1: e4m3 values plus one ue8m0 scale byte per 32 values, inference only), or None
+            (the model's dtype). `model.quantize_engram_tables(format)` converts a trained model.
+        engram_dead_token_ids: raw token ids that are "dead" (V4.1: the image placeholder 129264): no n-gram reaches
+            across one (the dead token and every older position read the pad id) and the gate is 0 at its position.
+
+    Runtime options: how this process runs the model, not what the model is (as transformers treats
+    `attn_implementation`). Given here or as `from_pretrained` keywords, checked however they arrive, never written
+    to config.json (`RUNTIME_OPTIONS`; docs/tables.md):
         engram_storage: where the tables live: "device" (with the model, default), "host" (CPU memory, pinned when
             CUDA is present, while the rest may run on an accelerator) or "disk" (memory-mapped from the
-            checkpoint's safetensors, rows read on demand). Also a `from_pretrained` keyword.
+            checkpoint's safetensors, rows read on demand).
         engram_prefetch: with host/disk tables, fetch every Engram layer's rows asynchronously at model entry.
         engram_cache_rows: rows per table kept in a hot-row cache on the execution device (0 = no cache).
         engram_kernel: which implementation runs hash, gather and gate: "auto" (the torch path, until the Triton
@@ -180,14 +192,6 @@ class EngramConfig(PreTrainedConfig):
             (the kernels on CUDA, also under TRITON_INTERPRET=1 on the CPU; torch where Triton cannot run) or
             "torch". A preference, not a requirement: the parameters are the same either way, so any checkpoint runs
             anywhere.
-
-    Compact rows and DeepSeek-V4.1's variant (with `engram_kernel_size=0`, `max_ngram_size=4` and `rms_norm_eps=1e-20`;
-    README "A DeepSeek-V4.1 Engram layer"):
-        engram_row_format: how table rows are stored, in every storage and in the hot-row cache: "fp32", "bf16",
-            "fp16", "fp8_e4m3" (V4.1: e4m3 values plus one ue8m0 scale byte per 32 values, inference only), or None
-            (the model's dtype). `model.quantize_engram_tables(format)` converts a trained model.
-        engram_dead_token_ids: raw token ids that are "dead" (V4.1: the image placeholder 129264): no n-gram reaches
-            across one (the dead token and every older position read the pad id) and the gate is 0 at its position.
     """
 
     model_type = "engram"
@@ -247,15 +251,16 @@ class EngramConfig(PreTrainedConfig):
     engram_compressed_vocab_size: int | None = None
     engram_multipliers: list[list[int]] | None = None
     engram_table_sizes: list[list[int]] | None = None
-    engram_storage: str = "device"
-    engram_prefetch: bool = True
-    engram_cache_rows: int = 0
-    engram_kernel: str = "auto"
     engram_row_format: str | None = None
     engram_dead_token_ids: list[int] | None = None
     layer_types: list[str] | None = None
     number_of_conv_states: int = 2
     engram_base_model: dict | None = None
+    # runtime options (RUNTIME_OPTIONS): not saved
+    engram_storage: str = "device"
+    engram_prefetch: bool = True
+    engram_cache_rows: int = 0
+    engram_kernel: str = "auto"
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
