@@ -408,6 +408,8 @@ class EngramPreTrainedModel(PreTrainedModel):
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        # Private (pinned by tests/test_private_api.py): the one place that sees both the built model and the
+        # checkpoint files before weights load; from_pretrained has no public hook between the two.
         check_checkpoint_tables(model, checkpoint_files)
         model._engram_checkpoint_files = checkpoint_files  # for `attach_checkpoint_tables`, after loading
         return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
