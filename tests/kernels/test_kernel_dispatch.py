@@ -139,14 +139,15 @@ def test_state_dict_is_the_same_whatever_the_kernel():
         assert all(torch.equal(state[k], states[0][k]) for k in state)
 
 
-def test_checkpoint_preferring_triton_loads_and_runs_where_triton_cannot(tmp_path, monkeypatch, kernel_calls):
+def test_a_model_loaded_preferring_triton_runs_where_triton_cannot(tmp_path, monkeypatch, kernel_calls):
     model = tiny_model(engram_kernel="triton")
     input_ids, attention_mask = batch()
     with torch.no_grad(), force_engram_kernel("torch"):
         expected = model(input_ids.cpu(), attention_mask=attention_mask.cpu()).logits
     model.save_pretrained(tmp_path)
     monkeypatch.setattr(engram_kernels.utils, "INTERPRETED", False)  # a CPU machine without the interpreter
-    loaded = EngramForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert EngramForCausalLM.from_pretrained(tmp_path).config.engram_kernel == "auto"  # a load-time option, not saved
+    loaded = EngramForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", engram_kernel="triton").eval()
     assert loaded.config.engram_kernel == "triton"
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids.cpu(), attention_mask=attention_mask.cpu()).logits, expected)
