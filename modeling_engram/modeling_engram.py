@@ -56,8 +56,7 @@ PACKED_BACKEND_REFUSAL = (
     "{name} is not compatible with vLLM's Transformers backend (model_impl='transformers'), nor SGLang's: they run a "
     "model on packed, cache-less [1, T] rows of several requests, so Engram's n-gram hashes would span request "
     "boundaries and each decode step would hash one token without its history: silently wrong output. Serve it with "
-    "`engram-serve MODEL` (pip install 'modeling_engram[serve]'), or call `generate` with left padding; a native vLLM "
-    "plugin is planned."
+    "`engram-serve MODEL` (pip install 'modeling_engram[serve]'), or call `generate` with left padding."
 )
 # transformers' continuous batching (generate_batch, init_continuous_batching, generate(cache_implementation="paged"))
 CONTINUOUS_BATCHING_REFUSAL = (
