@@ -46,7 +46,7 @@ def time_placements(models: dict, batches, device: torch.device, cold: dict | No
         batch = batch.to(device)
         for name, model in models.items():
             for table in (cold or {}).get(name, ()):
-                table.mapping.release_pages()
+                table.storage.release_pages()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import main  # noqa: E402  (examples/main.py)
 
 from modeling_engram import ROW_FORMATS, EngramForCausalLM  # noqa: E402
-from modeling_engram.memory import EngramTable, FileMapping, safetensors_index  # noqa: E402
+from modeling_engram.memory import EngramTable, safetensors_index  # noqa: E402
+from modeling_engram.storage import FileMapping  # noqa: E402
 from modeling_engram.training import engram_tables  # noqa: E402
 
 FORMATS = list(ROW_FORMATS)
@@ -43,9 +44,7 @@ def table_bytes(folder: Path) -> int:
 def tokens_per_second(model, loader, cold: bool) -> float:
     if cold:
         for table in engram_tables(model):
-            for mapping in (table.mapping, table.scale_mapping):
-                if mapping is not None:
-                    mapping.release_pages()
+            table.storage.release_pages()
     tokens, started = 0, time.perf_counter()
     for batch in loader:
         model(batch["input_ids"])
@@ -114,19 +113,18 @@ def gather_part(args, work: Path) -> list[dict]:
         del table, tensors
         index = safetensors_index(str(path))
         mappings = [FileMapping(str(path), index[key]) for key in ("weight", "weight_scale") if key in index]
-        disk = EngramTable(sizes, width, storage="disk", row_format=name)
-        disk.attach(mappings[0].tensor, requires_grad=False, scales=mappings[1].tensor if len(mappings) > 1 else None)
-        disks[name] = disk, mappings, path.stat().st_size
+        disk = EngramTable(sizes, width, storage="disk", row_format=name, from_checkpoint=True)
+        disk.attach(*(disk.storage.hold(mapping, slice(None), torch.device("cpu")) for mapping in mappings))
+        disks[name] = disk, path.stat().st_size
     for _ in range(args.rounds):
-        for name, (disk, mappings, _) in disks.items():
-            for mapping in mappings:
-                mapping.release_pages()
+        for name, (disk, _) in disks.items():
+            disk.storage.release_pages()
             started = time.perf_counter()
             disk(ids)
             seconds[name].append(time.perf_counter() - started)
     return [
         {"format": name, "table_bytes": size, "cold_rows_per_s": args.gather_rows / statistics.median(seconds[name])}
-        for name, (_, _, size) in disks.items()
+        for name, (_, size) in disks.items()
     ]
 
 

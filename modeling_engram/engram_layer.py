@@ -9,7 +9,7 @@ from transformers.cache_utils import Cache
 
 from .configuration_engram import EngramConfig
 from .kernel_dispatch import load_kernels, use_triton
-from .memory import EngramTable
+from .memory import EngramTable, rows_from_checkpoint
 
 TOKEN_STATE = 0  # cache conv-state slot of an Engram layer holding the last max_ngram_size - 1 compressed token ids
 CONV_STATE = 1  # cache conv-state slot holding the short-conv inputs (absent without a short conv)
@@ -204,7 +204,7 @@ class EngramLayer(nn.Module):
     gating_projections = ("kv_proj.key_proj",)
     gating_norms = ("query_norm", "key_norm")
 
-    def __init__(self, config: EngramConfig, layer_idx: int):
+    def __init__(self, config: EngramConfig, layer_idx: int, engram_loading: str | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.hc_mult = config.hc_mult
@@ -217,6 +217,7 @@ class EngramLayer(nn.Module):
             cache_rows=config.engram_cache_rows,
             kernel=config.engram_kernel,
             row_format=config.engram_row_format,
+            from_checkpoint=rows_from_checkpoint(config.engram_storage, engram_loading),
         )
         self.kv_proj = EngramKeyValue(config)
         self.query_norm = BranchRMSNorm(config.hc_mult, config.hidden_size, eps=config.rms_norm_eps)

@@ -42,7 +42,7 @@ from .configuration_engram import EngramConfig
 from .engram_layer import TOKEN_STATE, EngramKeyValue, EngramLayer, EngramShortConv
 from .hashing import EngramHasher
 from .memory import (
-    EXTERNAL_TABLES, SHARDED_TABLES, EngramTable, RowFetch, attach_checkpoint_tables, check_checkpoint_tables,
+    EngramTable, RowFetch, attach_checkpoint_tables, check_checkpoint_tables,
 )
 from .mhc import DYNAMIC_SCALE_INIT, HyperConnection, HyperHead, PlainResidual
 from .moe import EngramExperts, EngramMoE, EngramTopKRouter
@@ -149,10 +149,10 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
     The FFN is Llama's dense MLP, or DeepSeekMoE (`config.is_moe_layer`).
     """
 
-    def __init__(self, config: EngramConfig, layer_idx: int):
+    def __init__(self, config: EngramConfig, layer_idx: int, engram_loading: str | None = None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.engram = EngramLayer(config, layer_idx) if layer_idx in config.engram_layer_ids else None
+        self.engram = EngramLayer(config, layer_idx, engram_loading) if layer_idx in config.engram_layer_ids else None
         self.self_attn = EngramAttention(config=config, layer_idx=layer_idx)
         self.mlp = EngramMoE(config) if config.is_moe_layer(layer_idx) else LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -386,12 +386,8 @@ class EngramPreTrainedModel(PreTrainedModel):
         if table_parallel:
             require_process_group()
         kwargs = resolve_table_placement(cls, args, kwargs)
-        token, sharded = EXTERNAL_TABLES.set(True), SHARDED_TABLES.set(bool(table_parallel))
-        try:
-            loaded = super().from_pretrained(*args, **kwargs)
-        finally:
-            EXTERNAL_TABLES.reset(token)
-            SHARDED_TABLES.reset(sharded)
+        # The model transformers builds is told which tables `attach_checkpoint_tables` reads below (never whole).
+        loaded = super().from_pretrained(*args, **kwargs, engram_loading="sharded" if table_parallel else "whole")
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if table_parallel:  # each rank takes its block of rows from the checkpoint below, never a whole table
             shard_engram_tables(model, group=None if table_parallel is True else table_parallel)
@@ -423,14 +419,16 @@ class EngramPreTrainedModel(PreTrainedModel):
 
 
 class EngramModel(EngramPreTrainedModel):
-    def __init__(self, config: EngramConfig):
+    def __init__(self, config: EngramConfig, engram_loading: str | None = None):
+        """`engram_loading` is set by `from_pretrained` for the model it loads ("whole" or "sharded"): the tables
+        it names (`memory.rows_from_checkpoint`) are built without rows, read from the checkpoint files afterwards."""
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.hasher = EngramHasher(config)
         self.layers = nn.ModuleList(
-            [EngramDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [EngramDecoderLayer(config, layer_idx, engram_loading) for layer_idx in range(config.num_hidden_layers)]
         )
         self.hc_head = HyperHead(config) if config.hc_mult > 1 else None
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -540,12 +538,14 @@ class EngramModel(EngramPreTrainedModel):
         return self.hasher.hash_tokens(tokens.squeeze(1)[:, -(history + input_ids.shape[1]) :])
 
     def prefetch_rows(self, hash_ids: dict[int, torch.LongTensor]) -> dict[int, RowFetch]:
-        """Start the row fetch of every host/disk table at once; each Engram layer waits only for its own."""
-        if not self.config.engram_prefetch or self.config.engram_storage == "device":
+        """Start the row fetch of every table whose rows travel (host/disk) at once; each Engram layer waits only for
+        its own."""
+        if not self.config.engram_prefetch:
             return {}
+        tables = {layer_id: self.layers[layer_id].engram.table for layer_id in hash_ids}
         return {
-            layer_id: self.layers[layer_id].engram.table.fetch(ids, asynchronous=True)
-            for layer_id, ids in hash_ids.items()
+            layer_id: table.fetch(hash_ids[layer_id], asynchronous=True)
+            for layer_id, table in tables.items() if table.storage.prefetches
         }
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as transformers' own models: the 4.x name
@@ -633,9 +633,9 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
-    def __init__(self, config: EngramConfig):
+    def __init__(self, config: EngramConfig, engram_loading: str | None = None):
         super().__init__(config)
-        self.model = EngramModel(config)
+        self.model = EngramModel(config, engram_loading)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()

@@ -13,8 +13,6 @@ import re
 import torch
 from transformers import PreTrainedConfig
 
-from .memory import EXTERNAL_TABLES
-
 _TABLE = re.compile(r"^(?:model\.)?layers\.(\d+)\.engram\.table$")
 _STORAGE_OF = {"cpu": "host", "disk": "disk"}
 
@@ -29,16 +27,12 @@ def _meta_model(model_or_config, model_class=None):
     """The model itself, or one built on the meta device from a config (no memory)."""
     if not isinstance(model_or_config, PreTrainedConfig):
         return model_or_config
-    token = EXTERNAL_TABLES.set(False)
-    try:
-        with torch.device("meta"):
-            if model_class is not None:
-                return model_class(model_or_config)
-            from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        if model_class is not None:
+            return model_class(model_or_config)
+        from transformers import AutoModelForCausalLM
 
-            return AutoModelForCausalLM.from_config(model_or_config)
-    finally:
-        EXTERNAL_TABLES.reset(token)
+        return AutoModelForCausalLM.from_config(model_or_config)
 
 
 def _block_of(name: str) -> str:

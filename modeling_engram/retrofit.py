@@ -25,7 +25,7 @@ from torch import nn
 
 from .configuration_engram import EngramConfig
 from .engram_layer import EngramLayer
-from .memory import EXTERNAL_TABLES, EngramTable
+from .memory import EngramTable
 from .modeling_engram import EngramForCausalLM
 from .token_map import build_token_map
 
@@ -211,17 +211,19 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
     Parameters take `dtype` (the base's), except tables with an `engram_row_format`; buffers keep the dtype they
     were built with (RoPE's inv_freq stays fp32, as in the base)."""
-    pin = torch.cuda.is_available()
     for module in model.modules():
-        host = isinstance(module, EngramTable) and module.storage == "host"
-        own_dtype = isinstance(module, EngramTable) and module.format is not None
+        table = module if isinstance(module, EngramTable) else None
+        own_dtype = table is not None and table.format is not None
         for registry in (module._parameters, module._buffers):
             for name, tensor in registry.items():
                 if tensor is None or not tensor.is_meta:
                     continue
                 parameter = registry is module._parameters
-                value = torch.empty(tensor.shape, dtype=dtype if parameter and not own_dtype else tensor.dtype,
-                                    device="cpu" if host else device, pin_memory=host and pin)
+                kind = dtype if parameter and not own_dtype else tensor.dtype
+                if table is not None:  # where its storage keeps rows (host: CPU memory, pinned when CUDA is present)
+                    value = table.storage.empty(tensor.shape, kind, device)
+                else:
+                    value = torch.empty(tensor.shape, dtype=kind, device=device)
                 registry[name] = nn.Parameter(value, tensor.requires_grad) if parameter else value
 
 
@@ -230,12 +232,8 @@ def build_over_base(base: nn.Module, config: EngramConfig, model_class: type[Eng
     parameter = next(base.parameters())
     config.dtype = parameter.dtype
     config._attn_implementation = base.config._attn_implementation
-    token = EXTERNAL_TABLES.set(False)
-    try:
-        with torch.device("meta"):
-            model = model_class(config)
-    finally:
-        EXTERNAL_TABLES.reset(token)
+    with torch.device("meta"):
+        model = model_class(config)
     expected = {name: t for name, t in model.state_dict().items() if not is_engram_key(name)}
     given = base.state_dict()
     missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())

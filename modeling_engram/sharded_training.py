@@ -37,7 +37,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     local = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in shard_ids], norm_type)
     device = replicated.device
     if tables:
-        group = tables[0].row_shard.group
+        group = tables[0].storage.group
         exchange_device = local.device if dist.get_backend(group) != "nccl" else torch.device("cuda")
         local = local.to(exchange_device)
         if norm_type == float("inf"):
@@ -82,10 +82,10 @@ def load_into_shards(model: nn.Module, folder: str) -> None:
                          f"{unexpected[:3]}.")
     checkpoint = CheckpointTables(files)
     for name, table in tables.items():
-        _, _, values, scales = checkpoint.stored_rows(name, table)
-        table.weight.copy_(values)
+        values, scales = checkpoint.mappings(name, table)
+        table.weight.copy_(values.tensor[table.storage.block])
         if scales is not None:
-            table.weight_scale.copy_(scales)
+            table.weight_scale.copy_(scales.tensor[table.storage.block])
 
 
 _stale_checked = weakref.WeakSet()

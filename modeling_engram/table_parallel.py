@@ -22,12 +22,14 @@ Training across ranks (the global gradient norm, resuming, the stale-optimizer c
 import hashlib
 import json
 import os
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .memory import SAFETENSORS_NAMES, EngramTable, safetensors_index
+from .storage import TableStorage
 
 TABLE_FILE = "model-engram-tables.safetensors"
 BACKBONE_FILE = "model-backbone.safetensors"
@@ -114,30 +116,50 @@ def owner_lookup(
     return _OwnerLookup.apply(shard, ids, starts.to(ids.device), group, read, grad_scale, sparse)
 
 
-class RowShard:
-    """Which rows of one table this rank owns, and the lookup over all ranks' shards (`EngramTable.row_shard`)."""
+class RowShardedStorage(TableStorage):
+    """The placement of a table whose rows are split over the ranks of `group`: this rank (`rank`) holds the block
+    `[starts[rank], starts[rank + 1])` (`row_blocks`) in its `local` storage (device, host or disk), and a lookup is
+    the exchange of `owner_lookup`: a collective, so it runs in the caller's thread, prefetched or not."""
 
-    def __init__(self, rows: int, group):
-        self.group = group
-        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.starts = row_blocks(rows, self.world_size)
-        self.start, self.stop = self.starts[self.rank], self.starts[self.rank + 1]
-        self._starts = torch.tensor(self.starts)
+    def __init__(self, local: TableStorage, starts: list[int], rank: int, group):
+        self.local, self.starts, self.rank, self.group = local, starts, rank, group
+        self.world_size = len(starts) - 1
+        self.start, self.stop = starts[rank], starts[rank + 1]
+        self.block = slice(self.start, self.stop)
+        self.name, self.follows_model, self.read_only = local.name, local.follows_model, local.read_only
+        self.prefetches = local.prefetches
+        self._starts = torch.tensor(starts)
 
-    def lookup(self, table: EngramTable, unique: torch.LongTensor) -> torch.Tensor:
-        """Compact rows (`EngramTable.compact_rows`) of the sorted unique global ids `unique`."""
+    def empty(self, shape, dtype, device):
+        return self.local.empty(shape, dtype, device)
+
+    def own(self, rows):
+        return self.local.own(rows)
+
+    def hold(self, mapping, block, device):
+        return self.local.hold(mapping, block, device)
+
+    def gather(self, table, ids):
+        return self.local.gather(table, ids)
+
+    def read_unique(self, table, unique):
         if self._starts.device != unique.device:  # moved once, not per lookup
             self._starts = self._starts.to(unique.device)
-        return owner_lookup(table.weight, unique, self._starts, self.group, read=table.compact_rows,
+        return owner_lookup(table.weight, unique, self._starts, self.group, read=partial(self.gather, table),
                             grad_scale=1.0 / self.world_size, sparse=table.sparse)
 
+    def prefetch(self, table, unique):
+        return self.read_unique(table, unique)  # every rank exchanges in the same order: never on another thread
+
     def __repr__(self) -> str:
-        return f"rows {self.start}..{self.stop - 1} of {self.starts[-1]} (rank {self.rank} of {self.world_size})"
+        return (f"{self.local!r}, shard=rows {self.start}..{self.stop - 1} of {self.starts[-1]} "
+                f"(rank {self.rank} of {self.world_size})")
 
 
 def sharded_tables(model: nn.Module) -> dict[str, EngramTable]:
     """The Engram tables of `model` that are sharded over ranks, by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, EngramTable) and m.row_shard is not None}
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, EngramTable) and isinstance(m.storage, RowShardedStorage)}
 
 
 def _engram_config(model: nn.Module):
@@ -185,16 +207,17 @@ def shard_engram_tables(model: nn.Module, group=None) -> nn.Module:
     tables = {name: m for name, m in model.named_modules() if isinstance(m, EngramTable)}
     if not tables:
         raise ValueError("shard_engram_tables: this model has no Engram tables.")
-    if any(table.row_shard is not None for table in tables.values()):
+    if any(isinstance(table.storage, RowShardedStorage) for table in tables.values()):
         raise ValueError("shard_engram_tables: the Engram tables of this model are sharded already.")
     if any(table.cache is not None for table in tables.values()):
         raise ValueError("sharded Engram tables do not keep a hot-row cache: set engram_cache_rows=0.")
     check_same_engram_config(model, group)
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
     table_group = dist.new_group(ranks)  # the exchanges get their own group: they never interleave with DDP's
-    shards = [RowShard(table.num_embeddings, table_group) for table in tables.values()]  # may refuse: cut nothing yet
-    for table, shard in zip(tables.values(), shards):
-        table.keep_rows(shard)
+    rank, world = dist.get_rank(table_group), dist.get_world_size(table_group)
+    blocks = [row_blocks(table.num_embeddings, world) for table in tables.values()]  # may refuse: cut nothing yet
+    for table, starts in zip(tables.values(), blocks):
+        table.keep_rows(RowShardedStorage(table.storage, starts, rank, table_group))
     ignored = [f"{name}.{tensor}" for name in tables for tensor in ("weight", "weight_scale", "offsets")]
     model._ddp_params_and_buffers_to_ignore = [*getattr(model, "_ddp_params_and_buffers_to_ignore", []), *ignored]
     return model
@@ -209,7 +232,7 @@ def save_table_shards(model: nn.Module, save_directory: str, is_main_process: bo
     must be shared by all ranks (one machine, or a shared file system).
     """
     tables = sharded_tables(model)
-    group = next(iter(tables.values())).row_shard.group
+    group = next(iter(tables.values())).storage.group
     header, offset, layout = {}, 0, []
     for name, table in tables.items():
         for key, tensor in (("weight", table.weight), ("weight_scale", table.weight_scale)):
@@ -221,7 +244,7 @@ def save_table_shards(model: nn.Module, save_directory: str, is_main_process: bo
             header[f"{name}.{key}"] = {"dtype": SAFETENSORS_NAMES[tensor.dtype],
                                                "shape": [table.num_embeddings, *width],
                                                "data_offsets": [offset, offset + size]}
-            layout.append((tensor, offset + table.row_shard.start * row_bytes))
+            layout.append((tensor, offset + table.storage.start * row_bytes))
             offset += size
     header["__metadata__"] = {"format": "pt"}
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -266,6 +289,6 @@ def _index_tables(save_directory: str, table_keys: list[str], table_bytes: int) 
 
 
 __all__ = [
-    "RowShard", "check_same_engram_config", "owner_lookup", "row_blocks", "save_table_shards", "shard_engram_tables",
-    "sharded_tables",
+    "RowShardedStorage", "check_same_engram_config", "owner_lookup", "row_blocks", "save_table_shards",
+    "shard_engram_tables", "sharded_tables",
 ]

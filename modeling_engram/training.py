@@ -39,7 +39,7 @@ from .memory import EngramTable
 from .modeling_engram import EngramPreTrainedModel
 from .moe import EngramTopKRouter
 from .sharded_training import clip_grad_norm_, load_into_shards
-from .table_parallel import shard_engram_tables, sharded_tables
+from .table_parallel import RowShardedStorage, shard_engram_tables, sharded_tables
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def check_sparse_grad_support(tables: Iterable[nn.Module]) -> None:
     Sharded tables (table_parallel.py) are never all-reduced: they pass on every backend."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    for device_type in {table.weight.device.type for table in tables if table.row_shard is None}:
+    for device_type in {t.weight.device.type for t in tables if not isinstance(t.storage, RowShardedStorage)}:
         if _backend_for(device_type) == "nccl":
             raise ValueError(
                 f"Sparse Engram table gradients cannot be all-reduced by the NCCL backend (tables on {device_type}): "
@@ -368,9 +368,9 @@ class EngramTrainer(Trainer):
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
-    def _row_shard(self):
+    def _row_shard(self) -> RowShardedStorage:
         """The ranks the tables are split over (every table shares one group)."""
-        return next(iter(sharded_tables(self.model).values())).row_shard
+        return next(iter(sharded_tables(self.model).values())).storage
 
     def _optimizer_shard_name(self) -> str:
         shard = self._row_shard()

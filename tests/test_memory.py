@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from modeling_engram import EngramConfig, engram_device_map
-from modeling_engram.memory import EngramTable, RowFetch
+from modeling_engram.memory import RowFetch
+from modeling_engram.storage import HostStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def test_every_placement_gives_identical_logits(saved, storage, prefetch, cache_
     model, path = saved
     loaded = load(path, engram_storage=storage, engram_prefetch=prefetch, engram_cache_rows=cache_rows)
     table = loaded.model.layers[0].engram.table
-    assert table.storage == storage
+    assert table.storage.name == storage
     for seed in range(10):  # enough forwards for the cache to refresh and serve rows
         assert torch.equal(loaded(batch(seed)).logits, model(batch(seed)).logits)
     if cache_rows:
@@ -103,7 +104,7 @@ def test_the_row_watch_can_fail(saved, monkeypatch):
     _, path = saved
     loaded = load(path, engram_storage="host", engram_prefetch=False)
     table = loaded.model.layers[0].engram.table
-    monkeypatch.setattr(EngramTable, "_read", lambda self, unique: self.weight.clone()[unique])
+    monkeypatch.setattr(HostStorage, "read_unique", lambda self, table, unique: table.weight.clone()[unique])
     with TableReads(table.weight) as watch:
         loaded(batch())
     assert watch.full_sized
@@ -114,13 +115,13 @@ def test_prefetch_runs_in_the_background_and_each_layer_waits_for_its_own_rows(s
     _, path = saved
     loaded = load(path, engram_storage="host", engram_prefetch=True)
     threads = []
-    original = EngramTable._gather_unique
+    original = HostStorage.read_unique
 
-    def recording(self, unique, grad_enabled):
+    def recording(self, table, unique):
         threads.append(threading.current_thread().name)
-        return original(self, unique, grad_enabled)
+        return original(self, table, unique)
 
-    monkeypatch.setattr(EngramTable, "_gather_unique", recording)
+    monkeypatch.setattr(HostStorage, "read_unique", recording)
     hash_ids = loaded.model.hasher(batch())
     fetches = loaded.model.prefetch_rows(hash_ids)
     assert sorted(fetches) == [0, 2] and all(isinstance(f, RowFetch) for f in fetches.values())

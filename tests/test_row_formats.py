@@ -123,7 +123,7 @@ def test_fp8_checkpoint_reloads_bit_identically_in_every_storage(fp8_checkpoint,
         folder, engram_storage=storage, engram_cache_rows=cache_rows, attn_implementation="eager"
     )
     for table, original in zip(tables(loaded), tables(model)):
-        assert table.storage == storage and table.weight.dtype == torch.float8_e4m3fn
+        assert table.storage.name == storage and table.weight.dtype == torch.float8_e4m3fn
         assert torch.equal(table.weight.view(torch.uint8), original.weight.view(torch.uint8))
         assert torch.equal(table.weight_scale, original.weight_scale)
     for _ in range(9):  # the hot-row cache fills (refresh every 8 fetches per table) and serves compact rows
@@ -140,8 +140,8 @@ def test_gathers_move_only_the_compact_bytes(fp8_checkpoint, storage):
     loaded = EngramForCausalLM.from_pretrained(folder, engram_storage=storage)
     table = tables(loaded)[0]
     moved = []
-    read = table._read
-    table._read = lambda unique: moved.append(read(unique)) or moved[-1]
+    read = table.storage.read_unique
+    table.storage.read_unique = lambda table, unique: moved.append(read(table, unique)) or moved[-1]
     loaded(torch.randint(3, 97, (1, 6)))
     if storage == "device":
         assert not moved  # device tables gather in place

@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 
 from modeling_engram import EngramForCausalLM, shard_engram_tables
 from modeling_engram.sharded_training import count_exchanged_bytes
-from modeling_engram.table_parallel import INDEX_FILE, TABLE_FILE, owner_lookup, row_blocks
+from modeling_engram.table_parallel import INDEX_FILE, TABLE_FILE, RowShardedStorage, owner_lookup, row_blocks
 from modeling_engram.training import EngramTrainer, create_engram_optimizer, engram_tables
 
 ROWS, WIDTH = 101, 8
@@ -83,8 +83,7 @@ def probe_ids(vocab_size: int = 99) -> torch.Tensor:
 def mark_rows(model) -> None:
     """Add each row's global index (x 1e-3) to it, so a save that puts a rank's rows at the wrong offset shows."""
     for table in engram_tables(model):
-        start = table.row_shard.start if table.row_shard is not None else 0
-        rows = torch.arange(start, start + table.weight.shape[0], dtype=torch.float32)[:, None] * 1e-3
+        rows = torch.tensor(table.stored_block, dtype=torch.float32)[:, None] * 1e-3
         table.weight.add_(rows)
 
 
@@ -99,7 +98,7 @@ def _sharded_model_worker(rank: int, world: int, init_file: str, folder: str, st
             same_logits = torch.equal(model(ids).logits, whole(ids).logits)
         prompt = dict(input_ids=ids[:, :5], max_new_tokens=8, do_sample=False)
         same_tokens = torch.equal(model.generate(**prompt), whole.generate(**prompt))
-        held = [(t.weight.shape[0], t.row_shard.stop - t.row_shard.start, t.num_embeddings, t.weight.device.type)
+        held = [(t.weight.shape[0], len(t.stored_block), t.num_embeddings, t.weight.device.type)
                 for t in engram_tables(model)]
         if model.config.engram_row_format is None:
             mark_rows(model)
@@ -166,7 +165,7 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
         trainer = EngramTrainer(model=EngramForCausalLM.from_pretrained(base), shard_tables=True,
                                 args=TrainingArguments(os.path.join(folder, "out"), use_cpu=True, report_to=[]))
         tables = engram_tables(trainer.model)
-        errors["trainer"] = trainer.sharded and all(t.row_shard is not None for t in tables)
+        errors["trainer"] = trainer.sharded and all(isinstance(t.storage, RowShardedStorage) for t in tables)
         resharded = os.path.join(folder, "checkpoint-of-3-ranks")  # a sharded Trainer checkpoint written by 3 ranks
         os.makedirs(resharded, exist_ok=True)
         for other in range(3):

@@ -11,6 +11,7 @@ from transformers import (AutoModelForCausalLM, Trainer, TrainerCallback, Traini
                           get_cosine_schedule_with_warmup)
 
 from modeling_engram import EngramTrainer, create_engram_optimizer, text_blocks_dataset
+from modeling_engram.table_parallel import RowShardedStorage, row_blocks
 from modeling_engram.training import EngramAdamW, engram_parameter_groups, table_optimizer_state_bytes
 
 
@@ -112,7 +113,7 @@ def test_host_tables_train_sparsely_like_device_tables(tmp_path):
             optimizer.step()
             optimizer.zero_grad()
         runs[storage] = model
-    assert all(table.storage == "host" for table in tables(runs["host"]).values())
+    assert all(table.storage.name == "host" for table in tables(runs["host"]).values())
     # The host gather sums duplicate rows' gradients in another order (deduplicated ids); Adam normalises the
     # resulting 1e-9-scale differences of near-zero gradients into updates of up to ~4e-5 after three steps at lr 1e-2.
     for (name, param), expected in zip(runs["host"].named_parameters(), runs["device"].parameters()):
@@ -209,7 +210,8 @@ def test_nccl_with_sparse_table_gradients_is_a_clear_error(monkeypatch):
     assert all(table.sparse for table in tables(model).values())
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
     for table in tables(model).values():
-        table.row_shard = object()  # sharded tables (table_parallel.py) are exchanged by all_to_all, never all-reduced
+        # sharded tables (table_parallel.py) are exchanged by all_to_all, never all-reduced
+        table.storage = RowShardedStorage(table.storage, row_blocks(table.num_embeddings, 2), 0, group=None)
     create_engram_optimizer(model)
 
 
