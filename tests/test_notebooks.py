@@ -18,8 +18,9 @@ from run_notebooks import execute, stabilise  # noqa: E402
 
 ids = [p.stem for p in NOTEBOOKS]
 # share_on_the_hub runs once, against a fake Hub, in test_hub.py: run here as well, it would only print "nothing pushed".
-# retrofit shares the de-quantized SmolLM2 with test_retrofit.py: one pytest-xdist worker loads it for both.
-RUN_HERE = [pytest.param(p, id=p.stem, marks=[pytest.mark.xdist_group("smollm2")] * (p.stem == "retrofit"))
+# The SmolLM2 notebooks share the de-quantized model with test_retrofit.py: one pytest-xdist worker loads it for all.
+ON_SMOLLM2 = ("retrofit", "knowledge_injection")
+RUN_HERE = [pytest.param(p, id=p.stem, marks=[pytest.mark.xdist_group("smollm2")] * (p.stem in ON_SMOLLM2))
             for p in NOTEBOOKS if p.stem != "share_on_the_hub"]
 
 
@@ -38,7 +39,7 @@ def claims(notebook) -> list[str]:
 @pytest.mark.parametrize("path", RUN_HERE)
 def test_notebook_runs_and_its_checks_hold(path, tmp_path, monkeypatch, request):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    if path.stem == "retrofit":  # the same SmolLM2, already de-quantized from its GGUF file
+    if path.stem in ON_SMOLLM2:  # the same SmolLM2, already de-quantized from its GGUF file
         monkeypatch.setenv("SMOLLM2_DIR", str(request.getfixturevalue("smollm2")[2]))
     stored = nbformat.read(path, as_version=4)
     notebook = execute(path, tmp_path)
