@@ -17,6 +17,14 @@ and reads only those rows from the checkpoint); it is also how GPUs (NCCL, which
 with sparse table updates. Without it, on GPUs pass --dense-table-grads.
 
     torchrun --standalone --nproc_per_node 2 examples/train.py --model outputs/main/engram_model --shard-tables
+
+`--fsdp` shards the rest of the model too, with FSDP2 (`fully_shard` per decoder block and at the root), beside the
+row-sharded tables (it needs `--shard-tables`): a backbone larger than one device trains. Checkpoints (`--save-steps`)
+resume on any number of processes, with the same global batch (processes x --batch-size x --grad-accum):
+
+    torchrun --standalone --nproc_per_node 2 examples/train.py --shard-tables --fsdp --batch-size 4 --save-steps 50
+    torchrun --standalone --nproc_per_node 4 examples/train.py --shard-tables --fsdp --batch-size 2 \
+        --resume outputs/train/checkpoint-50
 """
 
 import argparse
@@ -60,6 +68,7 @@ def main():
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--dense-table-grads", action="store_true", help="for NCCL (no sparse all-reduce)")
     parser.add_argument("--shard-tables", action="store_true", help="shard the tables by rows over the processes")
+    parser.add_argument("--fsdp", action="store_true", help="shard the rest with FSDP2 (needs --shard-tables)")
     parser.add_argument("--save-steps", type=int, default=0, help="save a Trainer checkpoint every N steps (0: never)")
     parser.add_argument("--resume", type=Path, help="resume from this Trainer checkpoint folder")
     parser.add_argument("--out", type=Path, default=Path("outputs/train"))
@@ -74,6 +83,7 @@ def main():
         bf16=args.bf16, activation_checkpointing=args.activation_checkpointing, logging_steps=1,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, report_to=[],
         seed=args.seed, disable_tqdm=True, ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(),
+        **(dict(fsdp=True, fsdp_config={"fsdp_version": 2}) if args.fsdp else {}),
     )
     _ = training_args.device  # initialises the process group under torchrun / accelerate launch, which sharding needs
     tokenizer = AutoTokenizer.from_pretrained(args.model)

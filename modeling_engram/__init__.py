@@ -19,7 +19,7 @@ from .hub import exported_code_files, model_card, push_to_hub
 from .modeling_engram import EngramForCausalLM, EngramModel, EngramPreTrainedModel
 from .placement import engram_device_map
 from .row_formats import ROW_FORMATS
-from .sharded_training import refuse_stale_tables  # noqa: F401  (registers the stale-optimizer check)
+from .sharded_training import shard_engram_model  # importing it registers the stale-optimizer check
 from .table_parallel import shard_engram_tables
 from .token_map import build_token_map
 
@@ -72,6 +72,7 @@ __all__ = [
     "gating_peft_config",
     "model_card",
     "push_to_hub",
+    "shard_engram_model",
     "shard_engram_tables",
     *_LAZY,
 ]

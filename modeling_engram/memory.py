@@ -20,6 +20,11 @@ from .row_formats import (
 )
 from .storage import STORAGES, DeviceStorage, FileMapping, HotRowCache, TableStorage
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor as DTENSOR
+else:  # builds without torch.distributed have no DTensors
+    DTENSOR = ()
+
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -157,6 +162,18 @@ class EngramTable(nn.Embedding):
             check_scales("Engram table", weight, scales)
         elif scales is not None:
             raise ValueError(f"Engram table has a scale tensor, but its rows are {weight.dtype}, not FP8.")
+
+    def __setattr__(self, name, value):
+        # FSDP2's fully_shard installs its DTensor parameters with setattr on modules that define __setattr__: the one
+        # point where a table it was asked to shard can refuse, before any all-gather.
+        if name == "weight" and isinstance(value, DTENSOR):
+            raise ValueError(
+                "FSDP would shard an Engram table as one dense parameter: it would all-gather the whole table at every "
+                "forward and step every row. Shard the tables by rows and leave them out of FSDP: "
+                "modeling_engram.shard_engram_model(model, fsdp=True), or EngramTrainer with FSDP2 (TrainingArguments "
+                "fsdp/fsdp_config, or accelerate launch with an FSDP2 config) and shard_tables=True."
+            )
+        super().__setattr__(name, value)
 
     @property
     def stored_block(self) -> range:

@@ -42,7 +42,7 @@ from .configuration_engram import EngramConfig
 from .engram_layer import TOKEN_STATE, EngramKeyValue, EngramLayer, EngramShortConv
 from .hashing import EngramHasher
 from .memory import (
-    EngramTable, RowFetch, attach_checkpoint_tables, check_checkpoint_tables,
+    DTENSOR, EngramTable, RowFetch, attach_checkpoint_tables, check_checkpoint_tables,
 )
 from .mhc import DYNAMIC_SCALE_INIT, HyperConnection, HyperHead, PlainResidual
 from .moe import EngramExperts, EngramMoE, EngramTopKRouter
@@ -204,7 +204,9 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
             mlp_output = self.mlp(layer_input, token_mask=engram_token_mask)
         else:
             mlp_output = self.mlp(layer_input)
-        return self.mlp_hc.add(hidden_states, mlp_output, post, res).view_as(streams)
+        hidden_states = self.mlp_hc.add(hidden_states, mlp_output, post, res)
+        # A view only where the shape changes: FSDP2 warns of (and in-place ops on) a view returned by a block.
+        return hidden_states if hidden_states.dim() == streams.dim() else hidden_states.view_as(streams)
 
 
 class EngramPreTrainedModel(PreTrainedModel):
@@ -356,7 +358,15 @@ class EngramPreTrainedModel(PreTrainedModel):
             raise ValueError("save_pretrained of a model with sharded Engram tables takes no state_dict and does not "
                              "push: every rank writes its own rows (call it on every rank), then push the folder.")
         is_main = kwargs.pop("is_main_process", torch.distributed.get_rank() == 0)
-        state = {k: v for k, v in self.state_dict().items() if k.rsplit(".", 1)[0] not in shards}
+        state = self.state_dict()
+        if any(isinstance(value, DTENSOR) for value in state.values()):  # the rest sharded by FSDP2: gathered, a
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # tensor at a
+
+            if is_main != (torch.distributed.get_rank() == 0):  # time, into rank 0's host memory
+                raise ValueError("save_pretrained of an FSDP-sharded model writes from rank 0: is_main_process must "
+                                 "be True there and False elsewhere.")
+            state = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in shards}
         if is_main:
             super().save_pretrained(save_directory, state_dict=state, **kwargs)
         save_table_shards(self, save_directory, is_main)

@@ -1,111 +1,124 @@
 """Training with row-sharded Engram tables (`table_parallel.py`): what a training run needs beyond running a model.
 
-- `clip_grad_norm_`: the gradient norm over all of a model's gradients, table shards of every rank included;
-- `load_into_shards`: resume a sharded run from a saved folder, each rank reading its own rows;
-- a global optimizer step pre-hook that refuses an optimizer built before `shard_engram_tables` (it holds the whole
-  tables, which sharding replaced): registered when this package is imported, never by an exported model;
+- `shard_engram_model`: the tables by rows, and the rest of the model with FSDP2 (`fully_shard`), the row shards
+  left out of it (`ignored_params`): a backbone larger than one device trains beside tables larger than one host;
+- `clip_grad_norm_`: the gradient norm over all of a model's gradients: FSDP's DTensor shards, replicated gradients,
+  and the table shards of every rank;
+- a global optimizer step pre-hook that refuses an optimizer built before sharding (it holds the parameters that
+  sharding replaced): registered when this package is imported, never by an exported model;
 - `count_exchanged_bytes`: the bytes each rank sends to the others through the table exchanges, for benchmarks.
 
-A module of the package, not of a model: the `trust_remote_code` files never import it.
+Checkpoints of such runs, which load onto any number of ranks, are in `distributed_checkpoint.py`. A module of the
+package, not of a model: the `trust_remote_code` files never import it.
 """
 
 import contextlib
-import json
-import os
 import weakref
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .memory import CheckpointTables
-from .table_parallel import INDEX_FILE, sharded_tables
+from .table_parallel import shard_engram_tables, sharded_tables
+
+
+def shard_engram_model(
+    model: nn.Module,
+    fsdp: bool = True,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard `model` over all ranks for training, in place: every Engram table by rows (`shard_engram_tables`, unless
+    it was loaded sharded with `engram_table_parallel=True`), and with `fsdp` the rest with FSDP2: `fully_shard` on
+    every decoder block (`_no_split_modules`), then on the root, the table shards in `ignored_params`.
+
+    The tables keep their own exchange and lazy sparse Adam (a step costs the rows it touched, where FSDP would
+    all-gather a whole table per forward and step it densely); everything else is split 1/W per rank. `mp_policy` is
+    FSDP2's `MixedPrecisionPolicy` for the backbone (e.g. `param_dtype=torch.bfloat16, reduce_dtype=torch.float32`);
+    table rows keep their stored dtype. Call it on every rank before building the optimizer. Activation
+    checkpointing (`model.gradient_checkpointing_enable()`) composes. Returns `model` (an `FSDPModule` with `fsdp`).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("shard_engram_model takes the model itself, not a DistributedDataParallel wrapper.")
+    if isinstance(model, FSDPModule):
+        raise ValueError("shard_engram_model: this model is sharded by FSDP already.")
+    if not sharded_tables(model):
+        shard_engram_tables(model)
+    if not fsdp:
+        return model
+    shards = {table.weight for table in sharded_tables(model).values()}
+    for param in model.parameters():  # fully_shard replaces these by DTensor parameters: an optimizer built on
+        if param not in shards:  # them would step copies the model no longer reads
+            param._engram_sharded_away = True
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    options = dict(ignored_params=shards, mp_policy=mp_policy or MixedPrecisionPolicy(),
+                   reshard_after_forward=reshard_after_forward)
+    for module in [m for m in model.modules() if type(m).__name__ in block_names]:
+        fully_shard(module, **options)
+    return fully_shard(model, **options)
+
+
+def _norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The norm of `grads`: DTensors (FSDP's shards) reduced over their mesh, plain tensors this rank's own."""
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    norm = torch.nn.utils.get_total_norm([g for g in grads if not isinstance(g, DTensor)], norm_type)
+    if sharded:
+        dtensor_norm = torch.nn.utils.get_total_norm(sharded, norm_type).full_tensor()
+        norm = torch.linalg.vector_norm(torch.stack([norm, dtensor_norm.to(norm.device)]), norm_type)
+    return norm
 
 
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` over all of `model`'s gradients, table shards of every rank included.
 
-    Call it after backward (and DDP's all-reduce): the replicated gradients count once, the shards' norms are
-    all-reduced over their group. Every rank gets the same total norm and clips by it. Returns the total norm.
+    Call it after backward (and DDP's all-reduce): replicated gradients count once, FSDP's DTensor gradients are
+    reduced over their mesh, and the table shards' norms are all-reduced over their group. Every rank gets the same
+    total norm and clips by it. Returns the total norm.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     tables = list(sharded_tables(model).values())
     shard_ids = {id(table.weight) for table in tables}
-    replicated = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in shard_ids], norm_type)
+    rest = _norm([p.grad for p in params if id(p) not in shard_ids], norm_type)
     local = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in shard_ids], norm_type)
-    device = replicated.device
     if tables:
         group = tables[0].storage.group
-        exchange_device = local.device if dist.get_backend(group) != "nccl" else torch.device("cuda")
-        local = local.to(exchange_device)
+        local = local.to(local.device if dist.get_backend(group) != "nccl" else torch.device("cuda"))
         if norm_type == float("inf"):
             dist.all_reduce(local, dist.ReduceOp.MAX, group=group)
         else:
             local = local.pow(norm_type)
             dist.all_reduce(local, group=group)
             local = local.pow(1.0 / norm_type)
-    parts = torch.stack([replicated, local.to(device)])
-    total = parts.max() if norm_type == float("inf") else torch.linalg.vector_norm(parts, norm_type)
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    total = torch.linalg.vector_norm(torch.stack([rest, local.to(rest.device)]), norm_type)
+    for dtensors in (True, False):  # a foreach kernel takes DTensors or plain tensors, not both in one list
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if isinstance(p.grad, DTensor) == dtensors],
+                                             max_norm, total)
     return total
-
-
-def checkpoint_files(folder: str) -> list[str]:
-    """The safetensors files of a saved model folder: those its index names, or its one model.safetensors."""
-    index = os.path.join(folder, INDEX_FILE)
-    if not os.path.exists(index):
-        return [os.path.join(folder, "model.safetensors")]
-    with open(index) as handle:
-        return sorted({os.path.join(folder, name) for name in json.load(handle)["weight_map"].values()})
-
-
-@torch.no_grad()
-def load_into_shards(model: nn.Module, folder: str) -> None:
-    """Load a saved model folder into `model`, whose tables are sharded: everything else whole, and each table's
-    own rows only (read from the memory-mapped files). What `EngramTrainer` resumes a sharded run with."""
-    from safetensors import safe_open
-
-    files = checkpoint_files(folder)
-    tables = sharded_tables(model)
-    state = {}
-    for path in files:
-        with safe_open(path, "pt") as handle:
-            state.update({key: handle.get_tensor(key) for key in handle.keys() if key.rsplit(".", 1)[0] not in tables})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    config = getattr(model, "config", None)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", 0) else set()
-    missing = [key for key in missing if key.rsplit(".", 1)[0] not in tables and key not in tied]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}.")
-    checkpoint = CheckpointTables(files)
-    for name, table in tables.items():
-        values, scales = checkpoint.mappings(name, table)
-        table.weight.copy_(values.tensor[table.storage.block])
-        if scales is not None:
-            table.weight_scale.copy_(scales.tensor[table.storage.block])
 
 
 _stale_checked = weakref.WeakSet()
 
 
-def refuse_stale_tables(optimizer, args, kwargs) -> None:
-    """Global optimizer step pre-hook: an optimizer built before sharding holds the whole tables, now emptied."""
+def refuse_stale_parameters(optimizer, args, kwargs) -> None:
+    """Global optimizer step pre-hook: an optimizer built before sharding holds parameters that sharding replaced."""
     if optimizer in _stale_checked:
         return
     for group in optimizer.param_groups:
         if any(getattr(param, "_engram_sharded_away", False) for param in group["params"]):
             raise ValueError(
-                "this optimizer was built before shard_engram_tables(): it holds the whole Engram tables, which "
-                "sharding replaced by per-rank shards. Build the optimizer after sharding (create_engram_optimizer, "
-                "or EngramTrainer(shard_tables=True), which does it in that order)."
+                "this optimizer was built before the model was sharded (shard_engram_tables / shard_engram_model): "
+                "it holds parameters that sharding replaced (whole Engram tables by per-rank row shards, the rest by "
+                "FSDP's DTensor shards), so its steps would change copies the model no longer reads. Build the "
+                "optimizer after sharding (create_engram_optimizer, or EngramTrainer, which does it in that order)."
             )
     _stale_checked.add(optimizer)
 
 
-register_optimizer_step_pre_hook(refuse_stale_tables)
+register_optimizer_step_pre_hook(refuse_stale_parameters)
 
 
 @contextlib.contextmanager
@@ -129,4 +142,4 @@ def count_exchanged_bytes():
         dist.all_to_all_single = original
 
 
-__all__ = ["clip_grad_norm_", "count_exchanged_bytes", "load_into_shards"]
+__all__ = ["clip_grad_norm_", "count_exchanged_bytes", "shard_engram_model"]

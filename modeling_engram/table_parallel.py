@@ -1,6 +1,6 @@
 """Row-owner sharding of Engram tables over torch.distributed ranks (`shard_engram_tables`, the one switch).
 
-Rank r owns the contiguous rows `[starts[r], starts[r + 1])` of every table (`row_blocks`; uneven splits allowed)
+Rank r owns the contiguous rows `[starts[r], starts[r + 1])` of every table (`row_blocks`: `torch.chunk`'s blocks)
 and only those rows, plus their Adam moments (the optimizer is built on the shards). A lookup deduplicates the
 batch's row ids, sends each id to its owner (`all_to_all`), the owner reads its rows, and the rows come back
 (`all_to_all`). Backward routes each row's gradient to its owner the same way; the owner sums them into a sparse
@@ -44,13 +44,15 @@ DIGEST_FIELDS = (
 
 
 def row_blocks(rows: int, world_size: int) -> list[int]:
-    """Start row of every rank's block, plus `rows` at the end: the first `rows % world_size` ranks own one more."""
-    if rows < world_size:
-        raise ValueError(f"a table of {rows} rows cannot be sharded over {world_size} ranks: every rank needs a row.")
-    base, extra = divmod(rows, world_size)
-    starts = [0]
-    for rank in range(world_size):
-        starts.append(starts[-1] + base + (rank < extra))
+    """Start row of every rank's block, plus `rows` at the end: blocks of ceil(rows / world_size) rows, the last one
+    smaller. `torch.chunk` cuts the same blocks, and so does DTensor's `Shard(0)`, so a rank's block is the local
+    tensor of a `Shard(0)` DTensor of the whole table: what a resharding checkpoint (torch.distributed.checkpoint)
+    saves and loads onto any number of ranks."""
+    size = -(-rows // world_size)
+    starts = [min(rank * size, rows) for rank in range(world_size + 1)]
+    if starts[-2] == rows:
+        raise ValueError(f"a table of {rows} rows cannot be sharded over {world_size} ranks: blocks of {size} rows "
+                         f"(torch.chunk's layout) leave rank {world_size - 1} without a row, and every rank needs one.")
     return starts
 
 

@@ -21,24 +21,24 @@ gradients registers the missing kernel (`linalg_vector_norm` on sparse COO tenso
 values), so `torch.nn.utils.clip_grad_norm_`, `accelerate` and `Trainer` clip and report norms over tables too.
 """
 
-import glob
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.optim.adam import adam
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 
+from . import distributed_checkpoint
 from .engram_layer import EngramLayer
 from .memory import EngramTable
 from .modeling_engram import EngramPreTrainedModel
 from .moe import EngramTopKRouter
-from .sharded_training import clip_grad_norm_, load_into_shards
+from .sharded_training import clip_grad_norm_, shard_engram_model
 from .table_parallel import RowShardedStorage, shard_engram_tables, sharded_tables
 
 logger = logging.getLogger(__name__)
@@ -307,23 +307,25 @@ def table_optimizer_state_bytes(optimizer: torch.optim.Optimizer, model: nn.Modu
     return state, sum(table.numel() * table.element_size() for table in tables)
 
 
-def optimizer_shard_name(rank: int, world_size: int) -> str:
-    """A sharded run's optimizer state file of one rank, in a Trainer checkpoint folder."""
-    return f"optimizer-rank{rank}-of-{world_size}.pt"
-
-
 class EngramTrainer(Trainer):
     """`transformers.Trainer` that trains with the paper's recipe (`create_engram_optimizer`) by default.
 
-    Extra arguments: `table_lr_multiplier` (5.0), `sparse_table_grads` (True) and `shard_tables` (False: True
-    shards the tables by rows over the ranks, `shard_engram_tables`). The optimizer's learning rate, weight decay,
-    betas and epsilon come from `TrainingArguments`, and its scheduler drives tables and the rest. Passing
-    `optimizers=` or `optimizer_cls_and_kwargs=`, or an `args.optim` other than torch AdamW, falls back to
-    `Trainer`'s own optimizer (tables then get dense gradients).
+    Extra arguments: `table_lr_multiplier` (5.0), `sparse_table_grads` (True), `shard_tables` (False: True shards the
+    tables by rows over the ranks, `shard_engram_tables`) and `allow_global_batch_change` (False: see below). The
+    optimizer's learning rate, weight decay, betas and epsilon come from `TrainingArguments`, and its scheduler drives
+    tables and the rest. Passing `optimizers=` or `optimizer_cls_and_kwargs=`, or an `args.optim` other than torch
+    AdamW, falls back to `Trainer`'s own optimizer (tables then get dense gradients).
 
-    With sharded tables (`shard_tables=True`, or a model loaded with `engram_table_parallel=True`) the gradient
-    norm spans every rank's shard, every rank writes its rows into the saved model (a standard checkpoint), and
-    each rank saves and resumes its own optimizer state (`optimizer-rank{r}-of-{W}.pt`: resuming needs W ranks).
+    FSDP2 (`TrainingArguments(fsdp="full_shard", fsdp_config={"fsdp_version": 2})`, or `accelerate launch` with an
+    FSDP2 config) shards the rest of the model with `shard_engram_model`: the tables must be row-sharded
+    (`shard_tables=True`, or a model loaded with `engram_table_parallel=True`) and stay out of FSDP. With `bf16` the
+    backbone computes in bf16 and reduces gradients in fp32.
+
+    With sharded tables the gradient norm spans every rank's shard, `save_model` writes a standard checkpoint (every
+    rank its own rows; FSDP's shards gathered on the main process), and Trainer checkpoints hold the model and
+    optimizer state in torch.distributed.checkpoint format (`distributed_checkpoint.py`), which resumes on any
+    number of ranks. Resuming checks the checkpoint's Engram config and global batch (per-device batch x gradient
+    accumulation x ranks); `allow_global_batch_change=True` resumes with another batch on purpose.
     """
 
     ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused")
@@ -334,17 +336,52 @@ class EngramTrainer(Trainer):
         table_lr_multiplier: float = 5.0,
         sparse_table_grads: bool = True,
         shard_tables: bool = False,
+        allow_global_batch_change: bool = False,
         **kwargs,
     ):
         self.table_lr_multiplier = table_lr_multiplier
         self.sparse_table_grads = sparse_table_grads
+        self.allow_global_batch_change = allow_global_batch_change
         super().__init__(*args, **kwargs)
         if shard_tables and not sharded_tables(self.model):
             shard_engram_tables(self.model)
+        if self.is_fsdp_enabled:
+            self._shard_with_fsdp2()
         self.sharded = bool(sharded_tables(self.model))
 
-    # Private Trainer methods (signatures pinned by tests/test_private_api.py): no callback or argument lets a norm,
-    # a model save or an optimizer save/load span row shards that live on different ranks.
+    def _shard_with_fsdp2(self) -> None:
+        """Apply FSDP2 to the model before accelerate prepares it (it leaves an `FSDPModule` as it is): with the
+        table shards in `ignored_params`, which accelerate's FSDP2 plugin cannot name."""
+        plugin = self.accelerator.state.fsdp_plugin
+        refusal = None
+        if getattr(plugin, "fsdp_version", 1) != 2:
+            refusal = ("FSDP1 flattens parameters into dense buffers, which row-sharded tables and their sparse updates "
+                       "do not survive: use FSDP2 (fsdp_config={'fsdp_version': 2}, or accelerate's --fsdp_version 2)")
+        elif not sharded_tables(self.model):
+            refusal = ("FSDP2 over Engram tables that are not row-sharded would all-gather every whole table at each "
+                       "forward: pass shard_tables=True (or load with engram_table_parallel=True), and the tables stay "
+                       "out of FSDP, sharded by rows")
+        elif plugin.activation_checkpointing:
+            refusal = ("the FSDP plugin's activation_checkpointing is not applied to a model sharded before accelerate "
+                       "prepares it: pass TrainingArguments(gradient_checkpointing=True) instead")
+        elif plugin.cpu_offload:
+            refusal = "FSDP2 CPU offload of the backbone is not supported beside row-sharded tables"
+        if refusal:
+            raise ValueError(f"EngramTrainer: {refusal}.")
+        bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        shard_engram_model(self.model, fsdp=True, mp_policy=bf16 if self.args.bf16 else None,
+                           reshard_after_forward=bool(plugin.reshard_after_forward))
+
+    @property
+    def _global_batch(self) -> int:
+        args = self.args
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+    def _unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    # Private Trainer methods (signatures pinned by tests/test_private_api.py): no callback or argument lets a norm
+    # or an optimizer save/load span row shards that live on different ranks.
     def _clip_grad_norm(self, model):
         if not self.sharded:
             return super()._clip_grad_norm(model)
@@ -356,54 +393,39 @@ class EngramTrainer(Trainer):
             grad_norm = clip_grad_norm_(model, float("inf"))
         return super()._get_grad_norm(model, grad_norm)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; with sharded tables a collective save of one standard checkpoint (all ranks)."""
         if not self.sharded:
-            return super()._save(output_dir, state_dict)
+            return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        model.save_pretrained(output_dir, is_main_process=self.args.should_save)  # collective: every rank's rows
+        self._unwrapped().save_pretrained(output_dir, is_main_process=self.args.should_save)
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def _row_shard(self) -> RowShardedStorage:
-        """The ranks the tables are split over (every table shares one group)."""
-        return next(iter(sharded_tables(self.model).values())).storage
-
-    def _optimizer_shard_name(self) -> str:
-        shard = self._row_shard()
-        return optimizer_shard_name(shard.rank, shard.world_size)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.sharded:
             return super()._save_optimizer_and_scheduler(output_dir)
-        name = self._optimizer_shard_name()
-        torch.save(self.optimizer.state_dict(), os.path.join(output_dir, name))
+        distributed_checkpoint.save_training_state(self._unwrapped(), self.optimizer, output_dir, self._global_batch)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self.sharded:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_into_shards(self.model if model is None else model, resume_from_checkpoint)
+        model = self._unwrapped()
+        distributed_checkpoint.check_resumable(model, resume_from_checkpoint, self._global_batch,
+                                               self.allow_global_batch_change)
+        distributed_checkpoint.load_model_state(model, resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if not self.sharded or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, self._optimizer_shard_name())
-        if not os.path.isfile(path):
-            written = sorted({int(m.group(1)) for f in glob.glob(os.path.join(checkpoint, "optimizer-rank*-of-*.pt"))
-                              if (m := re.search(r"-of-(\d+)\.pt$", f))})
-            raise ValueError(
-                f"checkpoint {checkpoint} holds the optimizer state of a sharded run on {written or 'no'} ranks; this "
-                f"run has {self._row_shard().world_size}. Resume with the same number of ranks (table rows and their Adam "
-                "moments are split by rank count), or start a new run from the checkpoint's model, which loads on "
-                "any number of ranks."
-            )
-        device = self.args.device if self.args.device.type != "cpu" else "cpu"  # torch cannot restore to "cpu:0"
-        self.optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        distributed_checkpoint.load_optimizer_state(self._unwrapped(), self.optimizer, checkpoint)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def create_optimizer(self, model=None):
@@ -411,11 +433,10 @@ class EngramTrainer(Trainer):
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             optim = getattr(self.args.optim, "value", self.args.optim)
             if optim in self.ADAMW_NAMES:
-                if self.sparse_table_grads and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+                if self.sparse_table_grads and self.is_deepspeed_enabled:
                     raise ValueError(
-                        "EngramTrainer: sparse table gradients do not work under DeepSpeed or FSDP (both flatten "
-                        "parameters into dense shards). Use DDP (torchrun / accelerate launch without FSDP/DeepSpeed), "
-                        "or pass sparse_table_grads=False."
+                        "EngramTrainer: sparse table gradients do not work under DeepSpeed (it flattens parameters into "
+                        "dense shards). Use FSDP2 or DDP (torchrun / accelerate launch), or pass sparse_table_grads=False."
                     )
                 self.optimizer = create_engram_optimizer(
                     model,
@@ -440,7 +461,6 @@ __all__ = [
     "create_engram_optimizer",
     "engram_parameter_groups",
     "engram_tables",
-    "optimizer_shard_name",
     "register_sparse_grad_norm",
     "set_sparse_table_grads",
     "table_optimizer_state_bytes",

@@ -63,7 +63,7 @@ def _lookup_worker(rank: int, world: int, init_file: str, results: dict) -> None
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_owner_lookup_equals_one_whole_table(tmp_path, world=3):
-    """Three ranks, uneven blocks (34, 34, 33 rows); two ranks are covered by the model and training tests."""
+    """Three ranks, uneven blocks (34, 34, 33 rows: torch.chunk's); two ranks are covered by the model and training tests."""
     results = mp.Manager().dict()
     mp.spawn(_lookup_worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
     assert sorted(results) == list(range(world))
@@ -230,10 +230,16 @@ def test_a_rank_that_dies_makes_the_others_fail_instead_of_hanging(tmp_path):
     assert message != "no error" and seconds < 150, (message, seconds)
 
 
-def test_row_blocks_split_unevenly_and_refuse_too_few_rows():
-    assert row_blocks(10, 3) == [0, 4, 7, 10]
+def test_row_blocks_are_torch_chunk_blocks_and_refuse_a_rank_without_rows():
+    """DTensor's Shard(0) cuts torch.chunk's blocks: the resharding checkpoints (test_fsdp.py) rely on it."""
+    for rows, world in [(10, 3), (101, 3), (31, 2), (1000, 7), (8, 4)]:
+        starts = row_blocks(rows, world)
+        assert [len(chunk) for chunk in torch.arange(rows).chunk(world)] == [b - a for a, b in zip(starts, starts[1:])]
+    assert row_blocks(10, 3) == [0, 4, 8, 10]
     with pytest.raises(ValueError, match="a table of 2 rows cannot be sharded over 3 ranks"):
         row_blocks(2, 3)
+    with pytest.raises(ValueError, match="blocks of 2 rows .* leave rank 3 without a row"):
+        row_blocks(5, 4)  # more rows than ranks, but torch.chunk's blocks of 2 use up the rows on three of them
 
 
 def test_sharding_needs_a_process_group(tmp_path):
