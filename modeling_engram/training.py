@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from accelerate.utils import FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 from torch.optim.adam import adam
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
@@ -345,16 +346,27 @@ class EngramTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if shard_tables and not sharded_tables(self.model):
             shard_engram_tables(self.model)
-        if self.is_fsdp_enabled:
-            self._shard_with_fsdp2()
+        plugin = self._fsdp_plugin()
+        if plugin is not None:
+            self._shard_with_fsdp2(plugin)
         self.sharded = bool(sharded_tables(self.model))
 
-    def _shard_with_fsdp2(self) -> None:
-        """Apply FSDP2 to the model before accelerate prepares it (it leaves an `FSDPModule` as it is): with the
-        table shards in `ignored_params`, which accelerate's FSDP2 plugin cannot name."""
-        plugin = self.accelerator.state.fsdp_plugin
+    def _fsdp_plugin(self):
+        """The FSDP settings this run asks for: accelerate's plugin, or where accelerate ignores FSDP (it shards on
+        accelerators only, and would wrap the model in DDP on CPUs) the plugin that TrainingArguments' `fsdp` /
+        `fsdp_config` or `accelerate launch`'s FSDP environment describe. None without FSDP."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is None and self.args.fsdp_plugin_args is not None:
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        elif plugin is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            plugin = FullyShardedDataParallelPlugin()  # reads accelerate launch's FSDP_* environment
+        return plugin
+
+    def _shard_with_fsdp2(self, plugin) -> None:
+        """Apply FSDP2 before accelerate prepares the model, with the table shards in `ignored_params` (accelerate's
+        plugin cannot name them): accelerate's FSDP2 path leaves an `FSDPModule` as it is."""
         refusal = None
-        if getattr(plugin, "fsdp_version", 1) != 2:
+        if plugin.fsdp_version != 2:
             refusal = ("FSDP1 flattens parameters into dense buffers, which row-sharded tables and their sparse updates "
                        "do not survive: use FSDP2 (fsdp_config={'fsdp_version': 2}, or accelerate's --fsdp_version 2)")
         elif not sharded_tables(self.model):
@@ -363,14 +375,18 @@ class EngramTrainer(Trainer):
                        "out of FSDP, sharded by rows")
         elif plugin.activation_checkpointing:
             refusal = ("the FSDP plugin's activation_checkpointing is not applied to a model sharded before accelerate "
-                       "prepares it: pass TrainingArguments(gradient_checkpointing=True) instead")
-        elif plugin.cpu_offload:
+                       "prepares it: pass TrainingArguments(activation_checkpointing=True) instead")
+        elif isinstance(plugin.cpu_offload, CPUOffloadPolicy):
             refusal = "FSDP2 CPU offload of the backbone is not supported beside row-sharded tables"
         if refusal:
             raise ValueError(f"EngramTrainer: {refusal}.")
         bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         shard_engram_model(self.model, fsdp=True, mp_policy=bf16 if self.args.bf16 else None,
                            reshard_after_forward=bool(plugin.reshard_after_forward))
+        if not self.is_fsdp_enabled:
+            # accelerate's own mark of a model it must not wrap again: on CPUs it would wrap FSDP's DTensor
+            # parameters in DDP, which it refuses. The model already shards and reduces its own gradients.
+            self.model._is_accelerate_prepared = True
 
     @property
     def _global_batch(self) -> int:
