@@ -235,7 +235,7 @@ def test_an_fsdp2_checkpoint_resumes_bit_for_bit_on_the_same_processes_and_refus
     folder, files = workdir
     checkpoint = str(folder / "fsdp2" / "checkpoint-2")
     resumed = sharded_run(folder, files, "torchrun", 2, "fsdp2-again", "--fsdp", "--save-steps", "2",
-                          "--resume", checkpoint)
+                                            "--resume", checkpoint)
     assert curve(resumed[0]) == curve(fsdp_two[0])
     state = dcp_tensors(folder / "fsdp2-again" / "checkpoint-4", tmp_path / "resumed.pt")
     expected = dcp_tensors(folder / "fsdp2" / "checkpoint-4", tmp_path / "uninterrupted.pt")
@@ -243,13 +243,24 @@ def test_an_fsdp2_checkpoint_resumes_bit_for_bit_on_the_same_processes_and_refus
     for key, tensor in expected.items():
         assert torch.equal(state[key], tensor), key
     # 2 processes x 2 sequences x 2 accumulation steps = 8 per step, where the checkpoint trained with 12
-    command = [*launch("torchrun", 2), SCRIPT, "--model", "base", "--files", *files, *TRAIN, "--batch-size", "2",
-               "--shard-tables", "--fsdp", "--out", "fsdp2-batch", "--resume", checkpoint]
+    refused = refused_run(folder, files, "--batch-size", "2", "--shard-tables", "--fsdp", "--resume", checkpoint)
+    assert refused.count("was trained with a global batch of 12 sequences per step (2 ranks); this run's is 8") == 2
+
+
+def refused_run(folder: Path, files: list[str], *options: str) -> str:
+    """The stderr of a two-process run of examples/train.py that must fail."""
+    command = [*launch("torchrun", 2), SCRIPT, "--model", "base", "--files", *files, *TRAIN, "--out", "refused",
+               *options]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert result.stderr.count("was trained with a global batch of 12 sequences per step (2 ranks); this run's is "
-                               "8") >= 2  # every rank refuses, none waits in a collective
+    return result.stderr
+
+
+@pytest.mark.slow
+def test_fsdp2_over_tables_that_are_not_row_sharded_is_refused_on_every_rank(workdir):
+    refused = refused_run(*workdir, "--batch-size", "3", "--fsdp")
+    assert refused.count("EngramTrainer: FSDP2 over Engram tables that are not row-sharded") == 2
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ import torch.multiprocessing as mp
 from conftest import tiny_model
 from transformers import TrainingArguments
 
-from modeling_engram import EngramForCausalLM, shard_engram_tables
+from torch.distributed.fsdp import fully_shard
+
+from modeling_engram import EngramForCausalLM, shard_engram_model, shard_engram_tables
 from modeling_engram.sharded_training import count_exchanged_bytes
 from modeling_engram.table_parallel import INDEX_FILE, TABLE_FILE, RowShardedStorage, owner_lookup, row_blocks
 from modeling_engram.training import EngramTrainer, create_engram_optimizer, engram_tables
@@ -171,9 +174,27 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
         for other in range(3):
             open(os.path.join(resharded, f"optimizer-rank{other}-of-3.pt"), "wb").close()
         try:
-            trainer._load_optimizer_and_scheduler(resharded)
+            trainer._load_from_checkpoint(resharded)
         except ValueError as error:
             errors["resume"] = str(error)
+        try:  # FSDP2 over whole tables
+            fully_shard(EngramForCausalLM.from_pretrained(base))
+        except ValueError as error:
+            errors["fsdp whole tables"] = str(error)
+        model = EngramForCausalLM.from_pretrained(base)
+        optimizer = create_engram_optimizer(model)  # built on the parameters ...
+        shard_engram_model(model)  # ... which FSDP2 replaces by DTensor shards
+        model(ids, labels=ids).loss.backward()
+        try:
+            optimizer.step()
+        except ValueError as error:
+            errors["fsdp optimizer"] = str(error)
+        create_engram_optimizer(model).step()  # built after sharding: steps
+        try:  # accelerate refuses FSDP1 on CPUs itself: the plugin a GPU run would get (FSDP2 over whole tables
+            # under EngramTrainer: test_distributed.py)
+            trainer._shard_with_fsdp2(SimpleNamespace(fsdp_version=1))
+        except ValueError as error:
+            errors["trainer fsdp1"] = str(error)
         results[rank] = errors
     finally:
         dist.destroy_process_group()
@@ -181,15 +202,19 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ranks_that_disagree_an_optimizer_built_before_sharding_and_resharding_are_clear_errors(tmp_path):
+def test_ranks_that_disagree_optimizers_built_before_sharding_fsdp_over_tables_and_old_checkpoints_are_clear_errors(
+        tmp_path):
     tiny_model().save_pretrained(tmp_path / "base")
     results = mp.Manager().dict()
     mp.spawn(_bad_input_worker, args=(2, str(tmp_path / "init"), str(tmp_path), results), nprocs=2, join=True)
     for rank in range(2):  # every rank raises, so none waits for the other in a later exchange
         assert "rank 1 disagrees with rank 0 on the Engram config (engram_seed, token map)" in results[rank]["config"]
-        assert "this optimizer was built before shard_engram_tables()" in results[rank]["optimizer"]
+        for built_before in ("optimizer", "fsdp optimizer"):
+            assert "this optimizer was built before the model was sharded" in results[rank][built_before]
         assert results[rank]["trainer"] is True  # EngramTrainer(shard_tables=True) shards a whole model
-        assert "holds the optimizer state of a sharded run on [3] ranks; this run has 2" in results[rank]["resume"]
+        assert "holds per-rank optimizer files (optimizer-rank*-of-*.pt) of an earlier" in results[rank]["resume"]
+        assert "FSDP would shard an Engram table as one dense parameter" in results[rank]["fsdp whole tables"]
+        assert "FSDP1 flattens parameters" in results[rank]["trainer fsdp1"]
 
 
 def _dying_worker(rank: int, world: int, init_file: str, folder: str, results: dict) -> None:
