@@ -207,6 +207,19 @@ def test_fsdp2_under_accelerate_launch_on_three_processes_with_activation_checkp
 
 
 @pytest.mark.slow
+def test_fsdp2_in_bf16_keeps_fp32_weights_and_follows_the_fp32_run(workdir):
+    """`--bf16`: FSDP2 computes the backbone in bf16 and reduces its gradients in fp32 (MixedPrecisionPolicy); the
+    weights it keeps and saves stay fp32, and the losses follow the fp32 run's to bf16's precision."""
+    folder, files = workdir
+    ranks = sharded_run(folder, files, "torchrun", 2, "fsdp2-bf16", "--fsdp", "--bf16")
+    (single,) = reports(folder / "reports", "single")
+    for (loss, _), (expected, _) in zip(curve(ranks[0]), curve(single), strict=True):
+        assert loss == pytest.approx(expected, abs=1e-2) and loss != expected
+    assert {tensor.dtype for tensor in saved_tensors(folder / "fsdp2-bf16").values() if tensor.is_floating_point()} == {
+        torch.float32}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [3, 1])
 def test_an_fsdp2_checkpoint_of_two_processes_resumes_on_three_and_on_one(workdir, fsdp_two, processes, tmp_path):
     """Resharded on resume (tables, their Adam moments, FSDP2's shards and theirs): the losses, gradient norms, saved

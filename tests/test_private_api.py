@@ -17,7 +17,6 @@ PRIVATE = [
     (PreTrainedModel, "_can_set_attn_implementation", []),
     (Trainer, "_clip_grad_norm", ["self", "model"]),
     (Trainer, "_get_grad_norm", ["self", "model", "grad_norm"]),
-    (Trainer, "_save", ["self", "output_dir", "state_dict"]),
     (Trainer, "_save_optimizer_and_scheduler", ["self", "output_dir"]),
     (Trainer, "_load_from_checkpoint", ["self", "resume_from_checkpoint", "model"]),
     (Trainer, "_load_optimizer_and_scheduler", ["self", "checkpoint"]),
@@ -41,3 +40,15 @@ def test_every_private_override_is_listed():
                       for name, value in vars(klass).items() if name.startswith("_") and not name.startswith("__")
                       and hasattr(owner, name) and isinstance(value, (FunctionType, classmethod, staticmethod))}
         assert overridden - {"_init_weights"} <= {name for o, name in listed if o is owner}, overridden
+
+
+def test_accelerate_leaves_a_model_it_marked_prepared_alone():
+    """EngramTrainer marks a model it sharded with FSDP2 where accelerate does not shard (CPUs) as prepared
+    (`_is_accelerate_prepared`, accelerate's own guard against wrapping twice), so accelerate does not wrap its
+    DTensor parameters in DDP. The end-to-end runs are in test_distributed.py; this names the guard if it goes."""
+    from accelerate import Accelerator
+    from torch import nn
+
+    model = nn.Linear(2, 2)
+    model._is_accelerate_prepared = True
+    assert Accelerator(cpu=True).prepare_model(model) is model
