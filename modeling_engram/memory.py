@@ -170,8 +170,8 @@ class EngramTable(nn.Embedding):
             raise ValueError(
                 "FSDP would shard an Engram table as one dense parameter: it would all-gather the whole table at every "
                 "forward and step every row. Shard the tables by rows and leave them out of FSDP: "
-                "modeling_engram.shard_engram_model(model, fsdp=True), or EngramTrainer with FSDP2 (TrainingArguments "
-                "fsdp/fsdp_config, or accelerate launch with an FSDP2 config) and shard_tables=True."
+                "modeling_engram.shard_engram_model(model, fsdp=True) does both, and so does the package's trainer "
+                "under FSDP2 with shard_tables=True."
             )
         super().__setattr__(name, value)
 
