@@ -65,6 +65,7 @@ SIZES = {
                        warmup=2, rounds=8),
         lookup=dict(lookup_kernels.GPU_SIZES, warmup=3, repeat=10),
         train=dict(rows=[100_000, 10_000_000], steps=20, warmup=3, batch_size=8, seq_len=128),
+        fsdp=dict(rows=[10_000_000], steps=10, warmup=3, batch_size=8, seq_len=128),
     ),
     "smoke": dict(
         kernels=dict(batch=2, length=31, vocab_size=997, compressed_vocab_size=613, heads=8, rows=1009, head_dim=80,
@@ -76,6 +77,7 @@ SIZES = {
                        rounds=2),
         lookup=dict(lookup_kernels.SMALL_SIZES, warmup=0, repeat=1),
         train=dict(rows=[2_000, 200_000], steps=2, warmup=1, batch_size=2, seq_len=16),
+        fsdp=dict(rows=[2_000], steps=2, warmup=1, batch_size=2, seq_len=16),
     ),
 }
 
@@ -555,8 +557,70 @@ def train_checks(report: Report, sizes: dict, kernel: str) -> None:
                   high["state_bytes"] / high["table_bytes"], at_most=2.001, fmt="{:.3f}")
 
 
+# ---- one rank of FSDP2 beside row-sharded tables (several ranks need several GPUs: NCCL) ----
+
+
+def fsdp_section(report: Report, sizes: dict) -> None:
+    report.attempt("fsdp2: one rank", fsdp_checks, report, sizes)
+
+
+def fsdp_steps(report: Report, sizes: dict, policy: str | None) -> tuple[float, float]:
+    """(loss after the last step, median step seconds) of bench/train_step.py's model at the larger table size: whole
+    (policy None, no process group), or `shard_engram_model` with FSDP2 in "fp32" or "bf16" (fp32 reduce)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from modeling_engram import create_engram_optimizer, shard_engram_model
+    from modeling_engram.sharded_training import clip_grad_norm_
+
+    torch.manual_seed(0)
+    model = EngramForCausalLM(train_step.config(sizes["rows"][-1])).to(report.device).train()
+    if policy is not None:
+        dtype = {"fp32": None, "bf16": torch.bfloat16}[policy]
+        shard_engram_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+    optimizer = create_engram_optimizer(model, lr=1e-3, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for index in range(sizes["warmup"] + sizes["steps"]):
+        batch = torch.randint(3, 4096, (sizes["batch_size"], sizes["seq_len"]), generator=generator).to(report.device)
+        seconds = timed(report.device)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        if policy is None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        else:
+            clip_grad_norm_(model, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if index >= sizes["warmup"]:
+            times.append(seconds())
+    return loss.item(), statistics.median(times)
+
+
+def fsdp_checks(report: Report, sizes: dict) -> None:
+    import torch.distributed as dist
+
+    rows = f"{sizes['rows'][-1]:,} table rows, {sizes['batch_size']} x {sizes['seq_len']} tokens"
+    plain_loss, plain_seconds = fsdp_steps(report, sizes, None)  # before the process group: NCCL refuses whole
+    report.record(f"fsdp2: whole model, one process: step ms ({rows})", plain_seconds * 1e3, speed=True,  # tables'
+                  fmt="{:.1f}", note="sparse lazy Adam, no process group")  # sparse all-reduce
+    with tempfile.TemporaryDirectory() as scratch:
+        dist.init_process_group("nccl" if report.device.type == "cuda" else "gloo",
+                                init_method=f"file://{scratch}/init", rank=0, world_size=1)
+        try:
+            for policy in ("fp32", "bf16"):
+                loss, seconds = fsdp_steps(report, sizes, policy)
+                report.record(f"fsdp2 ({policy}): one rank, tables sharded by rows: step ms ({rows})", seconds * 1e3,
+                              speed=True, fmt="{:.1f}", note=f"{seconds / plain_seconds:.2f}x the whole model's step")
+                report.record(f"fsdp2 ({policy}): loss after {sizes['warmup'] + sizes['steps']} steps, relative to "
+                              "the whole model's", abs(loss - plain_loss) / abs(plain_loss),
+                              at_most=1e-4 if policy == "fp32" else 2e-2, fmt="{:.2e}")
+                free_memory(report.device)
+        finally:
+            dist.destroy_process_group()
+
+
 SECTIONS = {"kernels": kernels_section, "models": models_section, "placement": placement_section,
-            "lookup": lookup_section, "train": train_section}
+            "lookup": lookup_section, "train": train_section, "fsdp": fsdp_section}
 
 
 def main():

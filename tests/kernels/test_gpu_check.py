@@ -49,6 +49,7 @@ def test_smoke_run_covers_every_section_and_passes_its_parity_checks(tmp_path):
         "host, prefetch: last logits vs resident, rel. error", "lookup: Triton hash vs numpy demo hash, speedup",
         "lookup: hash + gather / forward (triton)", "train step (torch): table optimizer state / table bytes",
         "train step (triton): table optimizer state / table bytes",
+        *(f"fsdp2 ({d}): loss after 3 steps, relative to the whole model's" for d in ("fp32", "bf16")),
     ]
     assert [name for name in expected if name not in checks] == []
     for name, check in checks.items():
