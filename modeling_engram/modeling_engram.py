@@ -205,7 +205,8 @@ class EngramDecoderLayer(GradientCheckpointingLayer):
         else:
             mlp_output = self.mlp(layer_input)
         hidden_states = self.mlp_hc.add(hidden_states, mlp_output, post, res)
-        # A view only where the shape changes: FSDP2 warns of (and in-place ops on) a view returned by a block.
+        # A view only where the shape changes: FSDP2 warns when a block returns a view (an in-place op on it would
+        # skip FSDP's backward hook).
         return hidden_states if hidden_states.dim() == streams.dim() else hidden_states.view_as(streams)
 
 
@@ -359,13 +360,13 @@ class EngramPreTrainedModel(PreTrainedModel):
                              "push: every rank writes its own rows (call it on every rank), then push the folder.")
         is_main = kwargs.pop("is_main_process", torch.distributed.get_rank() == 0)
         state = self.state_dict()
-        if any(isinstance(value, DTENSOR) for value in state.values()):  # the rest sharded by FSDP2: gathered, a
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # tensor at a
+        if any(isinstance(value, DTENSOR) for value in state.values()):
+            # The rest is sharded by FSDP2: gathered a tensor at a time into rank 0's host memory (only rank 0 gets
+            # it), so rank 0 writes it, whatever is_main_process says.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            if is_main != (torch.distributed.get_rank() == 0):  # time, into rank 0's host memory
-                raise ValueError("save_pretrained of an FSDP-sharded model writes from rank 0: is_main_process must "
-                                 "be True there and False elsewhere.")
             state = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            is_main = torch.distributed.get_rank() == 0
         state = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in shards}
         if is_main:
             super().save_pretrained(save_directory, state_dict=state, **kwargs)

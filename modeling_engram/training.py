@@ -27,8 +27,8 @@ import os
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
 from accelerate.utils import FullyShardedDataParallelPlugin
+from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 from torch.optim.adam import adam
 from transformers import Trainer
@@ -317,7 +317,7 @@ class EngramTrainer(Trainer):
     tables and the rest. Passing `optimizers=` or `optimizer_cls_and_kwargs=`, or an `args.optim` other than torch
     AdamW, falls back to `Trainer`'s own optimizer (tables then get dense gradients).
 
-    FSDP2 (`TrainingArguments(fsdp="full_shard", fsdp_config={"fsdp_version": 2})`, or `accelerate launch` with an
+    FSDP2 (`TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2})`, or `accelerate launch` with an
     FSDP2 config) shards the rest of the model with `shard_engram_model`: the tables must be row-sharded
     (`shard_tables=True`, or a model loaded with `engram_table_parallel=True`) and stay out of FSDP. With `bf16` the
     backbone computes in bf16 and reduces gradients in fp32.
