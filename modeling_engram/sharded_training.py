@@ -45,6 +45,9 @@ def shard_engram_model(
         raise ValueError("shard_engram_model takes the model itself, not a DistributedDataParallel wrapper.")
     if isinstance(model, FSDPModule):
         raise ValueError("shard_engram_model: this model is sharded by FSDP already.")
+    if any(param.is_meta for param in model.parameters()):
+        raise ValueError("shard_engram_model: the model has parameters on the meta device; load its weights on every "
+                         "rank first (from_pretrained without low-memory FSDP loading).")
     if not sharded_tables(model):
         shard_engram_tables(model)
     if not fsdp:

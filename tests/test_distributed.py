@@ -175,6 +175,21 @@ def test_a_sharded_run_resumes_from_its_checkpoint_to_the_uninterrupted_run(work
         assert torch.equal(final[key], tensor), key
 
 
+@pytest.mark.slow
+def test_a_checkpoint_of_ddp_with_sharded_tables_resumes_on_three_processes_under_fsdp2(workdir, sharded_two):
+    """Replicated parameters (DDP) saved once, loaded as FSDP2's shards; the table rows recut 2 -> 3 ways."""
+    folder, files = workdir
+    resumed = sharded_run(folder, files, "torchrun", 3, "sharded2-on-3-fsdp", "--fsdp",
+                          "--resume", str(folder / "sharded2" / "checkpoint-2"))
+    for rank in resumed:
+        assert rank["fsdp"]
+        assert_same_training(rank, sharded_two[0])
+    final, uninterrupted = saved_tensors(folder / "sharded2-on-3-fsdp"), saved_tensors(folder / "sharded2")
+    assert final.keys() == uninterrupted.keys()
+    for key, tensor in uninterrupted.items():
+        torch.testing.assert_close(final[key], tensor, atol=2e-6, rtol=1e-5, msg=key)
+
+
 @pytest.fixture(scope="module")
 def fsdp_two(workdir):
     """FSDP2 beside sharded tables on two processes (torchrun), saving at steps 2 and 4."""

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_model
 from transformers import TrainingArguments
 
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
 from modeling_engram import EngramForCausalLM, shard_engram_model, shard_engram_tables
 from modeling_engram.sharded_training import count_exchanged_bytes
@@ -190,11 +190,21 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
         except ValueError as error:
             errors["fsdp optimizer"] = str(error)
         create_engram_optimizer(model).step()  # built after sharding: steps
-        try:  # accelerate refuses FSDP1 on CPUs itself: the plugin a GPU run would get (FSDP2 over whole tables
-            # under EngramTrainer: test_distributed.py)
-            trainer._shard_with_fsdp2(SimpleNamespace(fsdp_version=1))
+        # accelerate refuses FSDP1 on CPUs itself, and ignores its other FSDP settings: the plugins of a GPU run
+        # (FSDP2 over whole tables under EngramTrainer: test_distributed.py)
+        for name, settings in (("fsdp1", dict(fsdp_version=1)), ("ram", dict(cpu_ram_efficient_loading=True)),
+                               ("offload", dict(cpu_offload=CPUOffloadPolicy()))):
+            plugin = dict(fsdp_version=2, activation_checkpointing=False, cpu_offload=None,
+                          cpu_ram_efficient_loading=False, reshard_after_forward=True) | settings
+            try:
+                trainer._shard_with_fsdp2(SimpleNamespace(**plugin))
+            except ValueError as error:
+                errors[f"trainer {name}"] = str(error)
+        meta = EngramForCausalLM.from_pretrained(base).to("meta")
+        try:
+            shard_engram_model(meta)
         except ValueError as error:
-            errors["trainer fsdp1"] = str(error)
+            errors["meta"] = str(error)
         results[rank] = errors
     finally:
         dist.destroy_process_group()
@@ -215,6 +225,9 @@ def test_ranks_that_disagree_optimizers_built_before_sharding_fsdp_over_tables_a
         assert "holds per-rank optimizer files (optimizer-rank*-of-*.pt) of an earlier" in results[rank]["resume"]
         assert "FSDP would shard an Engram table as one dense parameter" in results[rank]["fsdp whole tables"]
         assert "FSDP1 flattens parameters" in results[rank]["trainer fsdp1"]
+        assert "cpu_ram_efficient_loading leaves the backbone unloaded" in results[rank]["trainer ram"]
+        assert "CPU offload of the backbone is not supported" in results[rank]["trainer offload"]
+        assert "the model has parameters on the meta device" in results[rank]["meta"]
 
 
 def _dying_worker(rank: int, world: int, init_file: str, folder: str, results: dict) -> None:
