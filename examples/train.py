@@ -109,6 +109,7 @@ def main():
         report = {"rank": rank, "world_size": world_size, "tables": table_digests(trainer.model), "sparse": sparse,
                   "table_bytes": sum(t.weight.nbytes for t in engram_tables(trainer.model)),
                   "fsdp": isinstance(trainer.model, FSDPModule), "backbone_bytes": backbone_bytes(trainer.model),
+                  "fsdp_by_accelerate": trainer.is_fsdp_enabled,  # accelerate prepares FSDP on accelerators only
                   "log_history": trainer.state.log_history, "blocks": len(blocks)}
         args.report.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{args.report}.rank{rank}").write_text(json.dumps(report, indent=1))

@@ -222,6 +222,22 @@ def test_fsdp2_under_accelerate_launch_on_three_processes_with_activation_checkp
 
 
 @pytest.mark.slow
+def test_fsdp2_through_accelerates_own_fsdp2_preparation_trains_like_one_process(workdir, fsdp_two):
+    """The path of a GPU run (tests/accelerate_fsdp2.py): accelerate's FSDP2 `prepare` keeps the model EngramTrainer
+    sharded and remaps the optimizer Trainer built onto it; the checkpoint it writes at step 2 is a resharding one."""
+    folder, files = workdir
+    script = str(ROOT / "tests" / "accelerate_fsdp2.py")
+    run([*launch("torchrun", 2), script, "--model", "base", "--files", *files, "--batch-size", "3", *TRAIN,
+         "--shard-tables", "--fsdp", "--save-steps", "2", "--out", "accelerate-fsdp2", "--report",
+         "reports/accelerate-fsdp2"], folder)
+    ranks = reports(folder / "reports", "accelerate-fsdp2")
+    assert all(rank["fsdp_by_accelerate"] for rank in ranks) and not fsdp_two[0]["fsdp_by_accelerate"]
+    assert_fsdp(ranks, reports(folder / "reports", "single")[0])
+    assert_sharded_equals_single(folder, ranks, "accelerate-fsdp2", "single")
+    assert (folder / "accelerate-fsdp2" / "checkpoint-2" / "engram_state" / "engram_run.json").exists()
+
+
+@pytest.mark.slow
 def test_fsdp2_in_bf16_keeps_fp32_weights_and_follows_the_fp32_run(workdir):
     """`--bf16`: FSDP2 computes the backbone in bf16 and reduces its gradients in fp32 (MixedPrecisionPolicy); the
     weights it keeps and saves stay fp32, and the losses follow the fp32 run's to bf16's precision."""
