@@ -53,6 +53,7 @@ def shard_engram_model(
     if not fsdp:
         return model
     shards = {table.weight for table in sharded_tables(model).values()}
+    check_same_backbone(model, shards)
     for param in model.parameters():  # fully_shard replaces these by DTensor parameters: an optimizer built on
         if param not in shards:  # them would step copies the model no longer reads
             param._engram_sharded_away = True
@@ -62,6 +63,26 @@ def shard_engram_model(
     for module in [m for m in model.modules() if type(m).__name__ in block_names]:
         fully_shard(module, **options)
     return fully_shard(model, **options)
+
+
+@torch.no_grad()
+def check_same_backbone(model: nn.Module, skip: set) -> None:
+    """Raise on every rank unless every rank holds the same parameters (those not in `skip`), compared by a float64 sum
+    per parameter: FSDP2 keeps each rank's own slice of what it holds, so a rank that loaded other weights (or none:
+    accelerate's cpu_ram_efficient_loading expects to broadcast the first rank's, which it does not do for a model
+    sharded before it prepares it) would train a mixture silently."""
+    names = [name for name, param in model.named_parameters() if param not in skip]
+    sums = torch.stack([param.detach().double().sum() for param in model.parameters() if param not in skip])
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sums.cpu())
+    for rank, theirs in enumerate(everyone):
+        differing = (theirs != everyone[0]) & ~(theirs.isnan() & everyone[0].isnan())
+        if differing.any():
+            raise ValueError(
+                f"rank {rank} holds other weights than rank 0 ({names[int(differing.nonzero()[0])]}, ...): FSDP2 needs "
+                "every rank to load the same model before it shards it (with accelerate, turn "
+                "fsdp_cpu_ram_efficient_loading off)."
+            )
 
 
 def _norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:

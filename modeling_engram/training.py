@@ -378,10 +378,7 @@ class EngramTrainer(Trainer):
                        "prepares it: pass TrainingArguments(activation_checkpointing=True) instead")
         elif isinstance(plugin.cpu_offload, CPUOffloadPolicy):
             refusal = "FSDP2 CPU offload of the backbone is not supported beside row-sharded tables"
-        elif plugin.cpu_ram_efficient_loading:
-            refusal = ("cpu_ram_efficient_loading leaves the backbone unloaded on every rank but the first, for accelerate "
-                       "to broadcast, which it does not do for a model sharded beside row-sharded tables: turn it off "
-                       "(every rank then reads the backbone, and only its own table rows)")
+
         if refusal:
             raise ValueError(f"EngramTrainer: {refusal}.")
         bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

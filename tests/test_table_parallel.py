@@ -192,14 +192,21 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
         create_engram_optimizer(model).step()  # built after sharding: steps
         # accelerate refuses FSDP1 on CPUs itself, and ignores its other FSDP settings: the plugins of a GPU run
         # (FSDP2 over whole tables under EngramTrainer: test_distributed.py)
-        for name, settings in (("fsdp1", dict(fsdp_version=1)), ("ram", dict(cpu_ram_efficient_loading=True)),
-                               ("offload", dict(cpu_offload=CPUOffloadPolicy()))):
+        for name, settings in (("fsdp1", dict(fsdp_version=1)), ("offload", dict(cpu_offload=CPUOffloadPolicy()))):
             plugin = dict(fsdp_version=2, activation_checkpointing=False, cpu_offload=None,
                           cpu_ram_efficient_loading=False, reshard_after_forward=True) | settings
             try:
                 trainer._shard_with_fsdp2(SimpleNamespace(**plugin))
             except ValueError as error:
                 errors[f"trainer {name}"] = str(error)
+        other = EngramForCausalLM.from_pretrained(base)
+        if rank == 1:  # a rank that loaded other weights (or none)
+            with torch.no_grad():
+                other.model.layers[1].mlp.up_proj.weight[0, 0] += 1
+        try:
+            shard_engram_model(other)
+        except ValueError as error:
+            errors["other weights"] = str(error)
         meta = EngramForCausalLM.from_pretrained(base).to("meta")
         try:
             shard_engram_model(meta)
@@ -225,9 +232,52 @@ def test_ranks_that_disagree_optimizers_built_before_sharding_fsdp_over_tables_a
         assert "holds per-rank optimizer files (optimizer-rank*-of-*.pt) of an earlier" in results[rank]["resume"]
         assert "FSDP would shard an Engram table as one dense parameter" in results[rank]["fsdp whole tables"]
         assert "FSDP1 flattens parameters" in results[rank]["trainer fsdp1"]
-        assert "cpu_ram_efficient_loading leaves the backbone unloaded" in results[rank]["trainer ram"]
+        assert ("rank 1 holds other weights than rank 0 (model.layers.1.mlp.up_proj.weight, ...)"
+                in results[rank]["other weights"])
         assert "CPU offload of the backbone is not supported" in results[rank]["trainer offload"]
         assert "the model has parameters on the meta device" in results[rank]["meta"]
+
+
+def _fsdp_mhc_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    """Three steps of forward, backward, global clipping and the Engram optimizer on an mHC + MoE model: one process
+    on the whole batch (world 1, whole model), or FSDP2 beside sharded tables with each rank on its part of it."""
+    from conftest import BACKBONES
+
+    from modeling_engram.sharded_training import clip_grad_norm_
+
+    _join(rank, world, init_file)
+    try:
+        torch.manual_seed(0)
+        model = tiny_model(vocab_size=99, **BACKBONES["hc4-moe"])
+        ids = torch.randint(3, 97, (4, 12), generator=torch.Generator().manual_seed(1))
+        if world > 1:
+            shard_engram_model(model)
+        optimizer = create_engram_optimizer(model, lr=1e-2)
+        batch = ids.chunk(world)[rank]
+        norms = []
+        for _ in range(3):
+            model(batch, labels=batch).loss.backward()
+            norms.append((clip_grad_norm_ if world > 1 else lambda m, n: torch.nn.utils.clip_grad_norm_(
+                m.parameters(), n))(model, 0.5).item())
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            results[(world, rank)] = (norms, model(ids, labels=ids).loss.item())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_on_an_mhc_and_moe_backbone_trains_like_one_process(tmp_path):
+    """Blocks that take and return [B, T, hc_mult, hidden] and MoE routers with balancing biases, under FSDP2."""
+    results = mp.Manager().dict()
+    for world in (1, 2):
+        mp.spawn(_fsdp_mhc_worker, args=(world, str(tmp_path / f"init{world}"), results), nprocs=world, join=True)
+    (norms, loss) = results[(1, 0)]
+    for rank in range(2):
+        assert results[(2, rank)][0] == pytest.approx(norms, rel=1e-5)
+        assert results[(2, rank)][1] == pytest.approx(loss, abs=1e-5)
 
 
 def _dying_worker(rank: int, world: int, init_file: str, folder: str, results: dict) -> None:
