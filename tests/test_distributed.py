@@ -17,7 +17,8 @@ import torch
 from conftest import make_tiny_tokenizer, require, tiny_model, write_text_files
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.distributed
+# One xdist worker runs this module: its module fixtures (the reference runs) then run once.
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
 require("datasets")  # examples/train.py reads its text through it
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "examples" / "train.py")
@@ -70,20 +71,26 @@ def assert_same_training(parallel: dict, single: dict) -> None:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A saved tiny model and tokenizer, text files, and the one-process run on the combined batch (6 blocks)."""
-    folder = tmp_path_factory.mktemp("ddp")
-    tiny_model(vocab_size=99, conv_nonzero=True).save_pretrained(folder / "base")
-    make_tiny_tokenizer().save_pretrained(folder / "base")
-    files = [str(path) for path in write_text_files(folder / "text", count=3)]
-    run([sys.executable, SCRIPT, "--model", "base", "--files", *files, "--batch-size", "6", *TRAIN,
-         "--out", "single", "--report", "reports/single"], folder)
+    """A saved tiny model and tokenizer, text files, and the one-process run on the combined batch (6 blocks).
+
+    The runs that module fixtures make are kept in the worker's base temporary folder and made once: pytest-xdist
+    may tear module fixtures down between the tests of a group (when a worker's queue runs short)."""
+    folder = tmp_path_factory.getbasetemp() / "distributed"
+    files = [str(folder / "text" / f"part{index}.txt") for index in range(3)]
+    if not (folder / "reports" / "single.rank0").exists():
+        tiny_model(vocab_size=99, conv_nonzero=True).save_pretrained(folder / "base")
+        make_tiny_tokenizer().save_pretrained(folder / "base")
+        assert [str(path) for path in write_text_files(folder / "text", count=3)] == files
+        run([sys.executable, SCRIPT, "--model", "base", "--files", *files, "--batch-size", "6", *TRAIN,
+             "--out", "single", "--report", "reports/single"], folder)
     return folder, files
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_processes_keep_tables_identical_and_equal_one_process_on_the_combined_batch(workdir, launcher):
+def test_two_processes_keep_tables_identical_and_equal_one_process_on_the_combined_batch(workdir):
+    """Replicated tables under DDP (accelerate launch; the sharded runs below use torchrun)."""
     folder, files = workdir
+    launcher = "accelerate"
     run([*launch(launcher, 2), SCRIPT, "--model", "base", "--files", *files, "--batch-size", "3", *TRAIN,
          "--out", launcher, "--report", f"reports/{launcher}"], folder)
 
@@ -103,7 +110,11 @@ def test_two_processes_keep_tables_identical_and_equal_one_process_on_the_combin
             assert not torch.equal(tensor, start[name])
 
 
-def sharded_run(folder: Path, files: list[str], launcher: str, processes: int, name: str, *extra: str) -> list[dict]:
+def sharded_run(folder: Path, files: list[str], launcher: str, processes: int, name: str, *extra: str,
+                once: bool = False) -> list[dict]:
+    """A run with sharded tables on `processes` with the combined batch of 6; `once`: reuse an earlier run's reports."""
+    if once and reports(folder / "reports", name):
+        return reports(folder / "reports", name)
     run([*launch(launcher, processes), SCRIPT, "--model", "base", "--files", *files,
          "--batch-size", str(6 // processes), *TRAIN,
          "--shard-tables", "--out", name, "--report", f"reports/{name}", *extra], folder)
@@ -114,7 +125,7 @@ def sharded_run(folder: Path, files: list[str], launcher: str, processes: int, n
 def sharded_two(workdir):
     """Two processes with sharded tables (2 x 3 blocks per step, like the one-process run), saving at step 2."""
     folder, files = workdir
-    return sharded_run(folder, files, "torchrun", 2, "sharded2", "--save-steps", "2")
+    return sharded_run(folder, files, "torchrun", 2, "sharded2", "--save-steps", "2", once=True)
 
 
 def assert_sharded_equals_single(folder: Path, ranks: list[dict], name: str, single: str) -> None:
@@ -134,14 +145,6 @@ def assert_sharded_equals_single(folder: Path, ranks: list[dict], name: str, sin
 @pytest.mark.slow
 def test_sharded_tables_on_two_processes_train_like_one_process(workdir, sharded_two):
     assert_sharded_equals_single(workdir[0], sharded_two, "sharded2", "single")
-
-
-@pytest.mark.slow
-def test_sharded_tables_on_three_processes_train_like_one_process(workdir):
-    """An uneven split (the tables' rows are not multiples of 3), under accelerate launch."""
-    folder, files = workdir
-    ranks = sharded_run(folder, files, "accelerate", 3, "sharded3")
-    assert_sharded_equals_single(folder, ranks, "sharded3", "single")
 
 
 def dcp_tensors(checkpoint: Path, scratch: Path) -> dict[str, torch.Tensor]:
@@ -175,26 +178,11 @@ def test_a_sharded_run_resumes_from_its_checkpoint_to_the_uninterrupted_run(work
         assert torch.equal(final[key], tensor), key
 
 
-@pytest.mark.slow
-def test_a_checkpoint_of_ddp_with_sharded_tables_resumes_on_three_processes_under_fsdp2(workdir, sharded_two):
-    """Replicated parameters (DDP) saved once, loaded as FSDP2's shards; the table rows recut 2 -> 3 ways."""
-    folder, files = workdir
-    resumed = sharded_run(folder, files, "torchrun", 3, "sharded2-on-3-fsdp", "--fsdp",
-                          "--resume", str(folder / "sharded2" / "checkpoint-2"))
-    for rank in resumed:
-        assert rank["fsdp"]
-        assert_same_training(rank, sharded_two[0])
-    final, uninterrupted = saved_tensors(folder / "sharded2-on-3-fsdp"), saved_tensors(folder / "sharded2")
-    assert final.keys() == uninterrupted.keys()
-    for key, tensor in uninterrupted.items():
-        torch.testing.assert_close(final[key], tensor, atol=2e-6, rtol=1e-5, msg=key)
-
-
 @pytest.fixture(scope="module")
 def fsdp_two(workdir):
     """FSDP2 beside sharded tables on two processes (torchrun), saving at steps 2 and 4."""
     folder, files = workdir
-    return sharded_run(folder, files, "torchrun", 2, "fsdp2", "--fsdp", "--save-steps", "2")
+    return sharded_run(folder, files, "torchrun", 2, "fsdp2", "--fsdp", "--save-steps", "2", once=True)
 
 
 def assert_fsdp(ranks: list[dict], single: dict) -> None:
@@ -213,28 +201,21 @@ def test_fsdp2_beside_sharded_tables_on_two_processes_trains_like_one_process(wo
 
 
 @pytest.mark.slow
-def test_fsdp2_under_accelerate_launch_on_three_processes_with_activation_checkpointing(workdir):
-    """accelerate's FSDP2 config alone turns FSDP2 on (no --fsdp); blocks 3 ways uneven; activation checkpointing."""
-    folder, files = workdir
-    ranks = sharded_run(folder, files, "accelerate-fsdp2", 3, "fsdp3", "--activation-checkpointing")
-    assert_fsdp(ranks, reports(folder / "reports", "single")[0])
-    assert_sharded_equals_single(folder, ranks, "fsdp3", "single")
-
-
-@pytest.mark.slow
-def test_fsdp2_through_accelerates_own_fsdp2_preparation_trains_like_one_process(workdir, fsdp_two):
-    """The path of a GPU run (tests/accelerate_fsdp2.py): accelerate's FSDP2 `prepare` keeps the model EngramTrainer
-    sharded and remaps the optimizer Trainer built onto it; the checkpoint it writes at step 2 is a resharding one."""
+def test_fsdp2_prepared_by_accelerate_on_three_processes_with_activation_checkpointing(workdir, fsdp_two):
+    """accelerate launch's FSDP2 config alone turns FSDP2 on (no --fsdp); rows 3 ways uneven; activation
+    checkpointing. Through accelerate's own FSDP2 `prepare`, the path of a GPU run (tests/accelerate_fsdp2.py makes
+    accelerate's state say FSDP on the CPU): it keeps the model EngramTrainer sharded and remaps the optimizer that
+    Trainer built onto it. The checkpoint it writes at step 2 is a resharding one."""
     folder, files = workdir
     script = str(ROOT / "tests" / "accelerate_fsdp2.py")
-    run([*launch("torchrun", 2), script, "--model", "base", "--files", *files, "--batch-size", "3", *TRAIN,
-         "--shard-tables", "--fsdp", "--save-steps", "2", "--out", "accelerate-fsdp2", "--report",
-         "reports/accelerate-fsdp2"], folder)
-    ranks = reports(folder / "reports", "accelerate-fsdp2")
+    run([*launch("accelerate-fsdp2", 3), script, "--model", "base", "--files", *files, "--batch-size", "2", *TRAIN,
+         "--shard-tables", "--activation-checkpointing", "--save-steps", "2", "--out", "fsdp3", "--report",
+         "reports/fsdp3"], folder)
+    ranks = reports(folder / "reports", "fsdp3")
     assert all(rank["fsdp_by_accelerate"] for rank in ranks) and not fsdp_two[0]["fsdp_by_accelerate"]
     assert_fsdp(ranks, reports(folder / "reports", "single")[0])
-    assert_sharded_equals_single(folder, ranks, "accelerate-fsdp2", "single")
-    assert (folder / "accelerate-fsdp2" / "checkpoint-2" / "engram_state" / "engram_run.json").exists()
+    assert_sharded_equals_single(folder, ranks, "fsdp3", "single")
+    assert (folder / "fsdp3" / "checkpoint-2" / "engram_state" / "engram_run.json").exists()
 
 
 @pytest.mark.slow
@@ -251,13 +232,15 @@ def test_fsdp2_in_bf16_keeps_fp32_weights_and_follows_the_fp32_run(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [3, 1])
-def test_an_fsdp2_checkpoint_of_two_processes_resumes_on_three_and_on_one(workdir, fsdp_two, processes, tmp_path):
-    """Resharded on resume (tables, their Adam moments, FSDP2's shards and theirs): the losses, gradient norms, saved
-    model and final checkpoint state (every Adam moment) equal the uninterrupted two-process run."""
+@pytest.mark.parametrize("processes, fsdp", [(3, ["--fsdp"]), (1, [])])
+def test_an_fsdp2_checkpoint_of_two_processes_resumes_on_three_and_on_one(workdir, fsdp_two, processes, fsdp,
+                                                                          tmp_path):
+    """Resharded on resume (tables, their Adam moments, FSDP2's shards and theirs), on 3 processes under FSDP2 and on
+    1 without it (FSDP's DTensors into plain parameters): the losses, gradient norms, saved model and final
+    checkpoint state (every Adam moment) equal the uninterrupted two-process run."""
     folder, files = workdir
     name = f"fsdp2-on-{processes}"
-    resumed = sharded_run(folder, files, "torchrun", processes, name, "--fsdp", "--save-steps", "2",
+    resumed = sharded_run(folder, files, "torchrun", processes, name, *fsdp, "--save-steps", "2",
                           "--resume", str(folder / "fsdp2" / "checkpoint-2"))
     for rank in resumed:
         assert rank["world_size"] == processes
@@ -287,24 +270,12 @@ def test_an_fsdp2_checkpoint_resumes_bit_for_bit_on_the_same_processes_and_refus
     for key, tensor in expected.items():
         assert torch.equal(state[key], tensor), key
     # 2 processes x 2 sequences x 2 accumulation steps = 8 per step, where the checkpoint trained with 12
-    refused = refused_run(folder, files, "--batch-size", "2", "--shard-tables", "--fsdp", "--resume", checkpoint)
-    assert refused.count("was trained with a global batch of 12 sequences per step (2 ranks); this run's is 8") == 2
-
-
-def refused_run(folder: Path, files: list[str], *options: str) -> str:
-    """The stderr of a two-process run of examples/train.py that must fail."""
     command = [*launch("torchrun", 2), SCRIPT, "--model", "base", "--files", *files, *TRAIN, "--out", "refused",
-               *options]
+               "--batch-size", "2", "--shard-tables", "--fsdp", "--resume", checkpoint]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    return result.stderr
-
-
-@pytest.mark.slow
-def test_fsdp2_over_tables_that_are_not_row_sharded_is_refused_on_every_rank(workdir):
-    refused = refused_run(*workdir, "--batch-size", "3", "--fsdp")
-    assert refused.count("EngramTrainer: FSDP2 over Engram tables that are not row-sharded") == 2
+    refused = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0  # every rank refuses, none waits in a collective:
+    assert refused.stderr.count("was trained with a global batch of 12 sequences per step (2 ranks); this run's is 8") == 2
 
 
 @pytest.mark.slow

@@ -190,13 +190,14 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
         except ValueError as error:
             errors["fsdp optimizer"] = str(error)
         create_engram_optimizer(model).step()  # built after sharding: steps
-        # accelerate refuses FSDP1 on CPUs itself, and ignores its other FSDP settings: the plugins of a GPU run
-        # (FSDP2 over whole tables under EngramTrainer: test_distributed.py)
-        for name, settings in (("fsdp1", dict(fsdp_version=1)), ("offload", dict(cpu_offload=CPUOffloadPolicy()))):
-            plugin = dict(fsdp_version=2, activation_checkpointing=False, cpu_offload=None,
-                          cpu_ram_efficient_loading=False, reshard_after_forward=True) | settings
+        # accelerate refuses FSDP1 on CPUs itself, and ignores its other FSDP settings there: the plugins of a GPU run
+        whole = EngramTrainer(model=EngramForCausalLM.from_pretrained(base),  # tables not row-sharded
+                              args=TrainingArguments(os.path.join(folder, "out"), use_cpu=True, report_to=[]))
+        for name, settings in (("fsdp1", dict(fsdp_version=1)), ("offload", dict(cpu_offload=CPUOffloadPolicy())),
+                               ("whole tables", {})):
+            plugin = dict(fsdp_version=2, activation_checkpointing=False, cpu_offload=None, reshard_after_forward=True)
             try:
-                trainer._shard_with_fsdp2(SimpleNamespace(**plugin))
+                (whole if name == "whole tables" else trainer)._shard_with_fsdp2(SimpleNamespace(**plugin | settings))
             except ValueError as error:
                 errors[f"trainer {name}"] = str(error)
         other = EngramForCausalLM.from_pretrained(base)
@@ -235,34 +236,36 @@ def test_ranks_that_disagree_optimizers_built_before_sharding_fsdp_over_tables_a
         assert ("rank 1 holds other weights than rank 0 (model.layers.1.mlp.up_proj.weight, ...)"
                 in results[rank]["other weights"])
         assert "CPU offload of the backbone is not supported" in results[rank]["trainer offload"]
+        assert "FSDP2 over Engram tables that are not row-sharded" in results[rank]["trainer whole tables"]
         assert "the model has parameters on the meta device" in results[rank]["meta"]
 
 
 def _fsdp_mhc_worker(rank: int, world: int, init_file: str, results: dict) -> None:
-    """Three steps of forward, backward, global clipping and the Engram optimizer on an mHC + MoE model: one process
-    on the whole batch (world 1, whole model), or FSDP2 beside sharded tables with each rank on its part of it."""
+    """Three steps of forward, backward, global clipping and the Engram optimizer on an mHC + MoE model: FSDP2 beside
+    sharded tables with each rank on its part of the batch, and (on every rank, alone) the whole model on all of it."""
     from conftest import BACKBONES
 
     from modeling_engram.sharded_training import clip_grad_norm_
 
     _join(rank, world, init_file)
     try:
-        torch.manual_seed(0)
-        model = tiny_model(vocab_size=99, **BACKBONES["hc4-moe"])
         ids = torch.randint(3, 97, (4, 12), generator=torch.Generator().manual_seed(1))
-        if world > 1:
-            shard_engram_model(model)
-        optimizer = create_engram_optimizer(model, lr=1e-2)
-        batch = ids.chunk(world)[rank]
-        norms = []
-        for _ in range(3):
-            model(batch, labels=batch).loss.backward()
-            norms.append((clip_grad_norm_ if world > 1 else lambda m, n: torch.nn.utils.clip_grad_norm_(
-                m.parameters(), n))(model, 0.5).item())
-            optimizer.step()
-            optimizer.zero_grad()
-        with torch.no_grad():
-            results[(world, rank)] = (norms, model(ids, labels=ids).loss.item())
+        for sharded in (False, True):
+            torch.manual_seed(0)
+            model = tiny_model(vocab_size=99, **BACKBONES["hc4-moe"])
+            if sharded:
+                shard_engram_model(model)
+            optimizer = create_engram_optimizer(model, lr=1e-2)
+            batch = ids.chunk(world)[rank] if sharded else ids
+            norms = []
+            for _ in range(3):
+                model(batch, labels=batch).loss.backward()
+                norm = clip_grad_norm_(model, 0.5) if sharded else torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                norms.append(norm.item())
+                optimizer.step()
+                optimizer.zero_grad()
+            with torch.no_grad():
+                results[(rank, sharded)] = (norms, model(ids, labels=ids).loss.item())
     finally:
         dist.destroy_process_group()
 
@@ -272,12 +275,10 @@ def _fsdp_mhc_worker(rank: int, world: int, init_file: str, results: dict) -> No
 def test_fsdp2_on_an_mhc_and_moe_backbone_trains_like_one_process(tmp_path):
     """Blocks that take and return [B, T, hc_mult, hidden] and MoE routers with balancing biases, under FSDP2."""
     results = mp.Manager().dict()
-    for world in (1, 2):
-        mp.spawn(_fsdp_mhc_worker, args=(world, str(tmp_path / f"init{world}"), results), nprocs=world, join=True)
-    (norms, loss) = results[(1, 0)]
+    mp.spawn(_fsdp_mhc_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
     for rank in range(2):
-        assert results[(2, rank)][0] == pytest.approx(norms, rel=1e-5)
-        assert results[(2, rank)][1] == pytest.approx(loss, abs=1e-5)
+        (norms, loss), (expected_norms, expected_loss) = results[(rank, True)], results[(rank, False)]
+        assert norms == pytest.approx(expected_norms, rel=1e-5) and loss == pytest.approx(expected_loss, abs=1e-5)
 
 
 def _dying_worker(rank: int, world: int, init_file: str, folder: str, results: dict) -> None:
