@@ -9,14 +9,18 @@ generates 8 tokens and prints a JSON line with the table size and the peak resid
 
 import argparse
 import json
-import resource
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from modeling_engram import EngramConfig, EngramForCausalLM
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sharded_tables import peak_rss  # noqa: E402
+
+from modeling_engram import EngramConfig, EngramForCausalLM  # noqa: E402
 
 HEAD_DIM = 16
 
@@ -70,7 +74,7 @@ def main():
     out = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     print(json.dumps({
         "table_bytes": table_bytes,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss(),  # this process's own: ru_maxrss starts at the peak of the process that started it
         "generated_tokens": out.shape[1] - prompt.shape[1],
         "load_seconds": round(load_seconds, 2),
     }))
