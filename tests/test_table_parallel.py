@@ -155,16 +155,17 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
             shard_engram_tables(model)
         except ValueError as error:
             errors["config"] = str(error)
-        model = EngramForCausalLM.from_pretrained(base)
-        optimizer = create_engram_optimizer(model)  # built on the whole tables ...
-        shard_engram_tables(model)  # ... which this replaces by shards
         ids = probe_ids()
-        model(ids, labels=ids).loss.backward()
-        try:
-            optimizer.step()
-        except ValueError as error:
-            errors["optimizer"] = str(error)
-        create_engram_optimizer(model).step()  # built after sharding: steps
+        for name, shard in (("optimizer", shard_engram_tables), ("fsdp optimizer", shard_engram_model)):
+            model = EngramForCausalLM.from_pretrained(base)
+            optimizer = create_engram_optimizer(model)  # built on the parameters ...
+            shard(model)  # ... which sharding replaces: the tables by row shards, the rest by FSDP2's DTensors
+            model(ids, labels=ids).loss.backward()
+            try:
+                optimizer.step()
+            except ValueError as error:
+                errors[name] = str(error)
+            create_engram_optimizer(model).step()  # built after sharding: steps
         trainer = EngramTrainer(model=EngramForCausalLM.from_pretrained(base), shard_tables=True,
                                 args=TrainingArguments(os.path.join(folder, "out"), use_cpu=True, report_to=[]))
         tables = engram_tables(trainer.model)
@@ -181,15 +182,6 @@ def _bad_input_worker(rank: int, world: int, init_file: str, folder: str, result
             fully_shard(EngramForCausalLM.from_pretrained(base))
         except ValueError as error:
             errors["fsdp whole tables"] = str(error)
-        model = EngramForCausalLM.from_pretrained(base)
-        optimizer = create_engram_optimizer(model)  # built on the parameters ...
-        shard_engram_model(model)  # ... which FSDP2 replaces by DTensor shards
-        model(ids, labels=ids).loss.backward()
-        try:
-            optimizer.step()
-        except ValueError as error:
-            errors["fsdp optimizer"] = str(error)
-        create_engram_optimizer(model).step()  # built after sharding: steps
         # accelerate refuses FSDP1 on CPUs itself, and ignores its other FSDP settings there: the plugins of a GPU run
         whole = EngramTrainer(model=EngramForCausalLM.from_pretrained(base),  # tables not row-sharded
                               args=TrainingArguments(os.path.join(folder, "out"), use_cpu=True, report_to=[]))
