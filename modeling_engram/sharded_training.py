@@ -72,7 +72,7 @@ def check_same_backbone(model: nn.Module, skip: set) -> None:
     accelerate's cpu_ram_efficient_loading expects to broadcast the first rank's, which it does not do for a model
     sharded before it prepares it) would train a mixture silently."""
     names = [name for name, param in model.named_parameters() if param not in skip]
-    sums = torch.stack([param.detach().double().sum() for param in model.parameters() if param not in skip])
+    sums = torch.stack([param.detach().sum(dtype=torch.float64) for param in model.parameters() if param not in skip])
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sums.cpu())
     for rank, theirs in enumerate(everyone):
