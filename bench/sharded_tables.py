@@ -31,32 +31,15 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import config  # noqa: E402  (the model of the training-step bench)
 
 from modeling_engram import EngramForCausalLM, create_engram_optimizer, table_optimizer_state_bytes  # noqa: E402
 from modeling_engram.sharded_training import clip_grad_norm_, count_exchanged_bytes, shard_engram_model  # noqa: E402
-from modeling_engram.training import engram_tables  # noqa: E402
+from modeling_engram.training import backbone_optimizer_state_bytes, engram_tables  # noqa: E402
 
 LABELS = {"plain": "plain", "sharded": "sharded tables", "fsdp": "FSDP2 + sharded tables"}
-
-
-def local_bytes(tensor: torch.Tensor) -> int:
-    """Bytes this rank holds of `tensor`: its local shard if it is an FSDP2 DTensor."""
-    if isinstance(tensor, DTensor):
-        tensor = tensor.to_local()
-    return tensor.numel() * tensor.element_size()
-
-
-def backbone_bytes(optimizer: torch.optim.Optimizer, model) -> tuple[int, int]:
-    """(bytes of optimizer state held for every parameter but the tables, bytes of those parameters) on this rank."""
-    tables = {id(table.weight) for table in engram_tables(model)}
-    params = [p for p in model.parameters() if id(p) not in tables]
-    state = sum(local_bytes(value) for p in params for value in optimizer.state.get(p, {}).values()
-                if isinstance(value, torch.Tensor))
-    return state, sum(local_bytes(p) for p in params)
 
 
 def peak_rss() -> int:
@@ -99,7 +82,7 @@ def worker(rank, world, path, folder, init_file, args, results):
             times.append(elapsed)
             sent.append(exchanged["sent"])
     table_state, table = table_optimizer_state_bytes(optimizer, model)
-    backbone_state, backbone = backbone_bytes(optimizer, model)
+    backbone_state, backbone = backbone_optimizer_state_bytes(optimizer, model)
     results[rank] = dict(step=statistics.median(times), sent=statistics.median(sent), backbone=backbone,
                          backbone_state=backbone_state, table=table, table_state=table_state, load_rss=load_rss,
                          rss=peak_rss())

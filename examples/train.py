@@ -35,11 +35,10 @@ from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from modeling_engram import EngramTrainer, text_blocks_dataset
-from modeling_engram.training import engram_tables
+from modeling_engram.training import backbone_optimizer_state_bytes, engram_tables
 from modeling_engram.corpus import stdlib_files
 
 
@@ -50,12 +49,6 @@ def table_digests(model) -> dict[str, str]:
         for name, param in model.named_parameters()
         if ".engram.table." in name
     }
-
-
-def backbone_bytes(model) -> int:
-    """Bytes of the parameters this process holds, tables left out (FSDP2 parameters: this rank's shard)."""
-    tables = {id(table.weight) for table in engram_tables(model)}
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters() if id(p) not in tables)
 
 
 def main():
@@ -108,7 +101,8 @@ def main():
         sparse = all(module.sparse for name, module in trainer.model.named_modules() if name.endswith("engram.table"))
         report = {"rank": rank, "world_size": world_size, "tables": table_digests(trainer.model), "sparse": sparse,
                   "table_bytes": sum(t.weight.nbytes for t in engram_tables(trainer.model)),
-                  "fsdp": isinstance(trainer.model, FSDPModule), "backbone_bytes": backbone_bytes(trainer.model),
+                  "fsdp": isinstance(trainer.model, FSDPModule),
+                  "backbone_bytes": backbone_optimizer_state_bytes(trainer.optimizer, trainer.model)[1],
                   "fsdp_by_accelerate": trainer.is_fsdp_enabled,  # accelerate prepares FSDP on accelerators only
                   "log_history": trainer.state.log_history, "blocks": len(blocks)}
         args.report.parent.mkdir(parents=True, exist_ok=True)

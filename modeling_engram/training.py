@@ -30,6 +30,7 @@ import torch
 from accelerate.utils import FullyShardedDataParallelPlugin
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
@@ -296,16 +297,28 @@ def create_engram_optimizer(
     return optimizer
 
 
+def _rank_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> tuple[int, int]:
+    """(bytes of optimizer state held for `params`, bytes of `params`) on this rank: FSDP2's DTensors count their
+    local shard."""
+    def held(tensor: torch.Tensor) -> int:
+        tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        return tensor.numel() * tensor.element_size()
+
+    state = sum(held(value) for param in params for value in optimizer.state.get(param, {}).values()
+                if isinstance(value, torch.Tensor))
+    return state, sum(held(param) for param in params)
+
+
 def table_optimizer_state_bytes(optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[int, int]:
-    """(bytes of optimizer state held for the Engram tables, bytes of the tables themselves)."""
-    tables = [table.weight for table in engram_tables(model)]
-    state = sum(
-        value.numel() * value.element_size()
-        for table in tables
-        for value in optimizer.state.get(table, {}).values()
-        if isinstance(value, torch.Tensor)
-    )
-    return state, sum(table.numel() * table.element_size() for table in tables)
+    """(bytes of optimizer state held for the Engram tables, bytes of the tables themselves), on this rank."""
+    return _rank_bytes(optimizer, [table.weight for table in engram_tables(model)])
+
+
+def backbone_optimizer_state_bytes(optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[int, int]:
+    """(bytes of optimizer state held for every parameter but the tables, bytes of those parameters), on this rank
+    (under FSDP2: its shards)."""
+    tables = {id(table.weight) for table in engram_tables(model)}
+    return _rank_bytes(optimizer, [param for param in model.parameters() if id(param) not in tables])
 
 
 class EngramTrainer(Trainer):
@@ -475,6 +488,7 @@ class EngramTrainer(Trainer):
 __all__ = [
     "EngramAdamW",
     "EngramTrainer",
+    "backbone_optimizer_state_bytes",
     "create_engram_optimizer",
     "engram_parameter_groups",
     "engram_tables",
