@@ -141,7 +141,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fol
     """Load the optimizer state of `folder/STATE_DIR` into `optimizer` (built on `model`; collective)."""
     state = {"optimizer": optimizer_state(model, optimizer)}
     dcp.load(state, checkpoint_id=os.path.join(folder, STATE_DIR))
-    _table_locals(model, state["optimizer"]["state"])
+    state["optimizer"]["state"] = _table_locals(model, state["optimizer"]["state"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
